@@ -116,7 +116,10 @@ class Graph:
             try:
                 data = json.loads(path.read_text())
             except FileNotFoundError:
-                raise FileNotFoundError(f"No graph file at {path}; pass a node-link JSON.")
+                raise FileNotFoundError(
+                    f"No graph file at {path}; pass a node-link JSON such as "
+                    "shared/remat-graphs/VGG16_256_train.json."
+                ) from None
         raw_nodes = data.get("nodes")
         raw_links = data.get("links", data.get("edges"))
         if not isinstance(raw_nodes, list) or not isinstance(raw_links, list):

@@ -105,4 +105,3 @@ def checkpoint_all_peak(graph: Graph) -> int:
     from mlcycle.train.remat.baselines import checkpoint_all
 
     return simulate(graph, checkpoint_all(graph)).peak_bytes
-

@@ -1,0 +1,1 @@
+"""Develop: many experiments under a deadline (HyperSched on Ray Tune; not built yet)."""

@@ -1,0 +1,1 @@
+"""Secure: differential privacy and coopetitive learning (not built yet)."""

@@ -1,0 +1,1 @@
+"""Serve: online (Clipper), pipelines (InferLine) and offline (DuckDB) prediction serving."""

@@ -1,0 +1,1 @@
+"""Offline serving: pre-materialized predictions in DuckDB (not built yet)."""

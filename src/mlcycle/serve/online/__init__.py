@@ -1,0 +1,1 @@
+"""Online serving: HTTP frontend, adaptive batching, cache, model selection (not built yet)."""

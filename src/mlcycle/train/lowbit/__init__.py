@@ -1,0 +1,1 @@
+"""Low-bit training that stays unbiased: stochastic rounding, ActNN (not built yet)."""

@@ -1,0 +1,108 @@
+"""A fast incumbent for the exact solvers: drop the cheapest bytes first, then repair.
+
+The cut knapsack bound (:mod:`._bounds`) says the optimum drops, at the tightest moment of
+the backward pass, the forward outputs that are cheapest per byte to recompute. This heuristic
+follows that hint: it frees forward outputs in order of cost per byte (recomputing them on
+demand with :func:`~mlcycle.train.remat.baselines.schedule_from_checkpoints`) until the
+simulated peak fits, then keeps again every dropped output that still fits, most expensive
+first. The result seeds CP-SAT and is returned on its own when CP-SAT finds nothing better.
+"""
+
+from __future__ import annotations
+
+from mlcycle.train.remat.baselines import schedule_from_computes
+from mlcycle.train.remat.graph import Graph, Schedule
+from mlcycle.train.remat.simulate import simulate
+
+
+def drop_schedule(graph: Graph, dropped: set[int], hold: set[int] | None) -> Schedule:
+    """Run forward once; recompute each dropped forward output when the backward pass reads it.
+
+    A recomputed output in ``hold`` (or every one, when ``hold`` is None) serves all later
+    readers; any other one serves the backward node that needed it, and the next node when that
+    reads it too, and is recomputed again for later readers. Frees go in as early as possible.
+    """
+    n = len(graph)
+    is_bwd = [node.backward for node in graph.nodes]
+    computes: list[int] = [v for v in range(n) if not is_bwd[v]]
+    fresh: set[int] = set()  # dropped outputs recomputed and still resident
+
+    def ensure(v: int) -> None:
+        stack = [v]
+        while stack:
+            u = stack[-1]
+            if u not in dropped or u in fresh:
+                stack.pop()
+                continue
+            missing = [p for p in graph.preds[u] if p in dropped and p not in fresh]
+            if missing:
+                stack.extend(missing)
+                continue
+            stack.pop()
+            computes.append(u)
+            fresh.add(u)
+
+    for b in range(n):
+        if not is_bwd[b]:
+            continue
+        for p in graph.preds[b]:
+            ensure(p)
+        computes.append(b)
+        if hold is not None:
+            after = set(graph.preds[b + 1]) if b + 1 < n else set()
+            fresh = {u for u in fresh if u in hold or u in after}
+    return schedule_from_computes(graph, computes)
+
+
+def ratio_greedy(graph: Graph, budget_bytes: int) -> Schedule | None:
+    """The best drop-set schedule this greedy finds within ``budget_bytes``, or None."""
+    forward = [v for v, node in enumerate(graph.nodes) if not node.backward and graph.succs[v]]
+    order = sorted(forward, key=lambda v: graph.nodes[v].cost / max(graph.nodes[v].bytes, 1))
+
+    def run(dropped: set[int], hold: set[int] | None) -> tuple[int, float, Schedule]:
+        sched = drop_schedule(graph, dropped, hold)
+        sim = simulate(graph, sched)
+        return sim.peak_bytes, sim.cost, sched
+
+    found: list[tuple[float, Schedule]] = []
+    # Pass 1 holds recomputed outputs until their last use; pass 2 frees them after each use.
+    # Strict drops only take outputs that lower the peak; loose ones also take ties, which
+    # helps when the peak sits at several moments at once.
+    for hold_all, strict in ((True, False), (False, False), (True, True), (False, True)):
+        hold = None if hold_all else set()
+        dropped: set[int] = set()
+        peak, cost, best = run(dropped, hold)
+        # Drop outputs in order of cost per byte while that lowers the peak, until it fits.
+        progress = True
+        while peak > budget_bytes and progress:
+            progress = False
+            for v in order:
+                if peak <= budget_bytes:
+                    break
+                if v in dropped:
+                    continue
+                trial_peak, trial_cost, trial = run(dropped | {v}, hold)
+                if trial_peak < peak or (not strict and trial_peak == peak):
+                    dropped.add(v)
+                    peak, cost, best, progress = trial_peak, trial_cost, trial, True
+        if peak > budget_bytes:
+            continue
+        # Repair until nothing improves: keep again what still fits, the costliest first;
+        # then hold recomputed outputs where that fits and saves compute.
+        improved = True
+        while improved:
+            improved = False
+            for v in sorted(dropped, key=lambda v: -graph.nodes[v].cost):
+                trial_peak, trial_cost, trial = run(dropped - {v}, hold)
+                if trial_peak <= budget_bytes and trial_cost <= cost:
+                    dropped.discard(v)
+                    cost, best, improved = trial_cost, trial, True
+            if hold is None:
+                break
+            for v in sorted(dropped - hold, key=lambda v: -graph.nodes[v].cost):
+                trial_peak, trial_cost, trial = run(dropped, hold | {v})
+                if trial_peak <= budget_bytes and trial_cost < cost:
+                    hold.add(v)
+                    cost, best, improved = trial_cost, trial, True
+        found.append((cost, best))
+    return min(found, key=lambda cs: cs[0])[1] if found else None

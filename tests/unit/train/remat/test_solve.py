@@ -1,0 +1,84 @@
+"""The Plan API: valid, within budget, never worse than a baseline, bounded from below."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from _strategies import chains, training_graphs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlcycle.train.remat import Graph, InfeasibleBudgetError, simulate, solve
+from mlcycle.train.remat._bounds import cut_knapsack_bound, min_feasible_bytes
+from mlcycle.train.remat._checkmate import solve_checkmate_milp
+from mlcycle.train.remat.baselines import baseline_schedules, checkpoint_all, griewank_revolve
+
+
+def _budget(graph: Graph, t: float) -> int:
+    lo = min_feasible_bytes(graph)
+    hi = simulate(graph, checkpoint_all(graph)).peak_bytes
+    return int(lo + t * (hi - lo))
+
+
+@settings(max_examples=40, deadline=None)
+@given(graph=training_graphs(max_forward=10), t=st.floats(0.0, 1.0))
+def test_plan_is_valid_within_budget_and_beats_every_baseline(graph: Graph, t: float) -> None:
+    budget = _budget(graph, t)
+    try:
+        plan = solve(graph, budget_bytes=budget, time_limit_s=5)
+    except InfeasibleBudgetError as exc:
+        # Only allowed when nothing at all fits: no baseline does either.
+        assert not baseline_schedules(graph, budget)
+        assert exc.min_feasible_bytes <= budget
+        return
+    sim = simulate(graph, plan.schedule)  # raises on an invalid schedule
+    assert sim.peak_bytes == plan.peak_bytes <= budget
+    assert math.isclose(sim.cost_ratio, plan.cost_ratio)
+    for name, (_, base) in baseline_schedules(graph, budget).items():
+        assert plan.cost_ratio <= base.cost_ratio + 1e-9, name
+    assert 1.0 <= plan.lower_bound <= plan.cost_ratio + 1e-9
+
+
+@settings(max_examples=25, deadline=None)
+@given(graph=training_graphs(max_forward=6), t=st.floats(0.0, 1.0))
+def test_cut_bound_never_exceeds_the_exact_optimum(graph: Graph, t: float) -> None:
+    budget = _budget(graph, t)
+    res = solve_checkmate_milp(graph, budget, time_limit_s=20)
+    if res.status != "optimal":
+        return
+    assert cut_knapsack_bound(graph, budget) <= res.cost + 1e-6 * graph.total_cost
+
+
+@settings(max_examples=20, deadline=None)
+@given(graph=chains(min_layers=3, max_layers=9), slots=st.integers(1, 6))
+def test_chain_plan_matches_or_beats_revolve(graph: Graph, slots: int) -> None:
+    revolve = simulate(graph, griewank_revolve(graph, slots))
+    plan = solve(graph, budget_bytes=revolve.peak_bytes, time_limit_s=10)
+    assert plan.peak_bytes <= revolve.peak_bytes
+    assert plan.cost_ratio <= revolve.cost_ratio + 1e-9
+
+
+def test_below_the_least_feasible_budget_names_it() -> None:
+    graph = Graph.chain(6)
+    least = min_feasible_bytes(graph)
+    with pytest.raises(InfeasibleBudgetError, match=str(least)) as info:
+        solve(graph, budget_bytes=least - 1)
+    assert info.value.min_feasible_bytes == least
+    solve(graph, budget_bytes=least)  # the stated budget does work
+
+
+def test_bad_arguments_say_what_is_valid() -> None:
+    graph = Graph.chain(4)
+    with pytest.raises(ValueError, match="choose one of"):
+        solve(graph, budget_fraction=0.5, solver="magic")
+    with pytest.raises(ValueError, match="exactly one"):
+        solve(graph)
+    with pytest.raises(ValueError, match="exactly one"):
+        solve(graph, budget_bytes=10, budget_fraction=0.5)
+
+
+def test_full_budget_needs_no_recomputation() -> None:
+    graph = Graph.chain(8)
+    plan = solve(graph, budget_fraction=1.0)
+    assert plan.cost_ratio == 1.0 and plan.status == "optimal"
