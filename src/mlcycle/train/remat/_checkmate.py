@@ -347,18 +347,21 @@ def _cheap_infeasible(graph: Graph, budget: int) -> bool:
     return False
 
 
-def _highs(model: _Model, relax: bool, time_limit_s: float, mip_rel_gap: float):
+def _highs(model: _Model, relax: bool, time_limit_s: float, mip_rel_gap: float, **extra):
     integrality = np.zeros_like(model.integrality) if relax else model.integrality
     options = {"time_limit": max(float(time_limit_s), 1e-3), "presolve": True}
     if not relax:
         options["mip_rel_gap"] = float(mip_rel_gap)
-    return milp(
-        model.c,
-        integrality=integrality,
-        bounds=Bounds(model.lb, model.ub),
-        constraints=LinearConstraint(model.a, model.row_lb, model.row_ub),
-        options=options,
-    )
+    options.update(extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+        return milp(
+            model.c,
+            integrality=integrality,
+            bounds=Bounds(model.lb, model.ub),
+            constraints=LinearConstraint(model.a, model.row_lb, model.row_ub),
+            options=options,
+        )
 
 
 def solve_checkmate_milp(
