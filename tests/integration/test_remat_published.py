@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import SHARED_GRAPHS
 from mlcycle.train.remat import Graph, simulate, solve
 from mlcycle.train.remat.baselines import baseline_schedules
-
-from conftest import SHARED_GRAPHS
 
 # (file, budget fraction, best figure in the README: MILP or LP rounding, lower is better)
 REFERENCE = [
