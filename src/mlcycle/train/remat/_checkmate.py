@@ -22,7 +22,12 @@ Tensor Rematerialization" (MLSys 2020), Sec. 4, restricted to *frontier-advancin
   stage. The product is linearized as in the paper (Eq. 4-5) with
   ``h = (1 - R[t,k]) + S[t+1,i] + sum_{j in USERS[i], j > k} R[t,j]``:
   ``1 - FREE <= h`` and ``kappa (1 - FREE) >= h`` with ``kappa`` the largest value ``h`` can
-  take, and ``FREE`` binary.
+  take, and ``FREE`` binary (``linearization="paper"``). ``linearization="tight"`` uses
+  the standard product linearization instead (``FREE`` continuous, ``FREE <= R[t,k]``,
+  ``FREE <= 1 - S[t+1,i]``, ``FREE <= 1 - R[t,j]``): same integer solutions, a stronger
+  relaxation. ``FREE[t,k,k]`` (a node nobody reads later in the stage) is in the paper's sum
+  but not in the reference code (``gurobi_solver.py`` frees along edges only); it is kept
+  here, since the simulator frees such a node at once.
 * Nodes marked ``output`` must be resident at the end: ``R[T-1,i] + S[T-1,i] >= 1`` and, in the
   last stage, ``S[T,i]`` is the constant 1 (so they are never freed there).
 * Objective: ``sum_{t,i} cost_i R[t,i]``.
@@ -33,7 +38,12 @@ simulator's live memory at each compute is at most the MILP's ``U[t,k]``; it is 
 checkpoint ``S[t,i]`` is neither used in stage ``t`` nor kept for stage ``t+1`` (the MILP keeps
 counting it until the stage ends, the schedule frees it when the stage begins) and when a node
 is both stored and "recomputed" in one stage (the MILP counts it twice, the schedule skips the
-recomputation). Every schedule returned is replayed in the simulator before it is returned.
+recomputation). For schedules with frees as early as possible and no such checkpoints the two
+agree exactly (the unit tests check the MILP optimum against exhaustive search over
+frontier-advancing schedules in the simulator). Every schedule is replayed in the simulator
+before it is returned; HiGHS's feasibility tolerance could in principle let a rounded solution
+exceed the budget by a few bytes, in which case the model's budget is tightened and it is
+solved again.
 ``graph.const_bytes`` is subtracted from the budget before the model is built.
 """
 
@@ -115,8 +125,10 @@ def _tri(t: np.ndarray | int) -> np.ndarray | int:
     return t * (t + 1) // 2
 
 
-def _build_model(graph: Graph, budget: float, free_form: str = "paper") -> _Model:
+def _build_model(graph: Graph, budget: float, linearization: str = "paper") -> _Model:
     """The sparse MILP in scaled units: memory in units of ``budget``, cost in total cost."""
+    if linearization not in ("paper", "tight"):
+        raise ValueError(f"linearization must be 'paper' or 'tight', got {linearization!r}.")
     n = len(graph)
     mem = np.array([node.bytes for node in graph.nodes], dtype=np.float64) / budget
     cost = np.array([node.cost for node in graph.nodes], dtype=np.float64)
@@ -224,7 +236,7 @@ def _build_model(graph: Graph, budget: float, free_form: str = "paper") -> _Mode
     n_later = np.bincount(srow, minlength=n_free).astype(np.float64)
     kappa = 1.0 + np.where(last, s_const, 1.0) + n_later[frow]  # max of h
     not_last = ~last
-    if free_form == "paper":
+    if linearization == "paper":
         for f_coef, lo, hi in (
             (-1.0, -_INF, s_const),  # -F + R[t,k] - S[t+1,i] - sum R[t,j] <= c
             (-kappa, 1.0 - kappa + s_const, _INF),  # -kF + R - S - sum R >= 1 - k + c
@@ -280,7 +292,7 @@ def _build_model(graph: Graph, budget: float, free_form: str = "paper") -> _Mode
     ub[u0:f0] = 1.0  # U[t,k] <= budget (memory is in units of the budget)
     integrality = np.ones(n_var, dtype=np.int8)
     integrality[u0:f0] = 0
-    if free_form != "paper":
+    if linearization != "paper":
         integrality[f0:] = 0
     return _Model(
         c=c,
@@ -371,6 +383,7 @@ def solve_checkmate_milp(
     time_limit_s: float = 60,
     relax: bool = False,
     mip_rel_gap: float = 1e-4,
+    linearization: str = "paper",
 ) -> CheckmateResult:
     """Solve Checkmate's frontier-advancing MILP (or its LP relaxation) for ``budget_bytes``.
 
@@ -382,6 +395,13 @@ def solve_checkmate_milp(
         relax: solve the LP relaxation instead; ``lower_bound`` is then the LP optimum, and a
             schedule is returned only when that optimum happens to be integral.
         mip_rel_gap: relative gap at which HiGHS stops and reports optimality.
+        linearization: how ``FREE`` is linearized. ``"paper"`` (Eq. 4-5: ``FREE`` binary,
+            ``1 - FREE <= h``, ``kappa (1 - FREE) >= h``). ``"tight"``: ``FREE`` continuous
+            with one row per factor of the product, ``FREE <= R[t,k]``,
+            ``FREE <= 1 - S[t+1,i]``, ``FREE <= 1 - R[t,j]``. Both have the same integer
+            solutions and optimum (the lower bound on ``FREE`` is dropped: freeing less only
+            counts more memory); "tight" has the stronger relaxation, and on the published
+            U-Net graph HiGHS solves it several times faster, while its LP takes longer.
 
     Returns:
         A :class:`CheckmateResult`. Any schedule in it has been replayed by
@@ -396,7 +416,7 @@ def solve_checkmate_milp(
     if budget <= 0 or _cheap_infeasible(graph, budget):
         return CheckmateResult(None, None, _INF, "infeasible", time.perf_counter() - start)
 
-    model = _build_model(graph, float(budget))
+    model = _build_model(graph, float(budget), linearization)
     build_s = time.perf_counter() - start
     n_vars, n_rows = model.a.shape[1], model.a.shape[0]
     deadline = start + float(time_limit_s)
@@ -462,7 +482,9 @@ def solve_checkmate_milp(
     return result(None, None, lower, "timeout")
 
 
-def lp_lower_bound(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60) -> float:
+def lp_lower_bound(
+    graph: Graph, budget_bytes: int, *, time_limit_s: float = 60, linearization: str = "paper"
+) -> float:
     """The optimum of the LP relaxation of Checkmate's MILP: a proven lower bound.
 
     Every frontier-advancing schedule (stage ``t`` computes node ``t`` for the first time,
@@ -473,7 +495,9 @@ def lp_lower_bound(graph: Graph, budget_bytes: int, *, time_limit_s: float = 60)
     ``graph.total_cost`` (every node runs at least once); ``inf`` when no node can even be
     computed within the budget or the relaxation is infeasible. When the LP hits
     ``time_limit_s`` before optimality, the trivial bound ``graph.total_cost`` is returned.
+    ``linearization`` is as in :func:`solve_checkmate_milp`; ``"tight"`` gives a bound at
+    least as high.
     """
     return solve_checkmate_milp(
-        graph, budget_bytes, time_limit_s=time_limit_s, relax=True
+        graph, budget_bytes, time_limit_s=time_limit_s, relax=True, linearization=linearization
     ).lower_bound

@@ -185,7 +185,9 @@ def forward_articulation_points(graph: Graph) -> list[int]:
         for j in ins:
             adj[k].append(j)
             adj[j].append(k)
-        if not ins:
+        # Only the first input-free node is the entry: later ones read only parameters (a
+        # captured weight transpose, say) and would open a bypass around every block.
+        if not ins and k == 0:
             adj[k].append(source)
             adj[source].append(k)
         if not outs:

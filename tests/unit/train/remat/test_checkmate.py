@@ -71,23 +71,19 @@ def _earliest_free_schedule(graph: Graph, stages: list[list[int]]) -> Schedule:
     return Schedule.from_ops(ops)
 
 
-def _brute_force(graph: Graph, budget: int) -> float:
-    """Cheapest frontier-advancing schedule within ``budget`` by exhaustive search."""
+def _all_frontier_schedules(graph: Graph) -> list[tuple[float, int]]:
+    """(cost, simulated peak) of every valid frontier-advancing schedule, frees earliest."""
     n = len(graph)
     costs = [node.cost for node in graph.nodes]
-    best = math.inf
+    found = []
     for masks in itertools.product(*[range(2**t) for t in range(n)]):
         stages = [[i for i in range(t) if m >> i & 1] + [t] for t, m in enumerate(masks)]
-        cost = sum(costs[i] for stage in stages for i in stage)
-        if cost >= best:
-            continue
         try:
             sim = simulate(graph, _earliest_free_schedule(graph, stages))
         except InvalidScheduleError:
             continue
-        if sim.peak_bytes <= budget:
-            best = cost
-    return best
+        found.append((sum(costs[i] for stage in stages for i in stage), sim.peak_bytes))
+    return found
 
 
 def _check(graph: Graph, budget: int, **kwargs):
@@ -130,16 +126,20 @@ def test_chain_budgets(n):
     ids=["chain2", "chain3", "rand1", "rand2", "rand3"],
 )
 def test_milp_matches_exhaustive_search(graph):
-    """The MILP is exact: neither misses a schedule nor over-counts memory."""
-    peak = _peak(graph)
-    for budget in range(peak, 0, -1):
-        expected = _brute_force(graph, budget)
+    """The MILP is exact: it neither misses a schedule nor over-counts memory."""
+    schedules = _all_frontier_schedules(graph)
+    for budget in range(_peak(graph), 0, -1):
+        expected = min((c for c, peak in schedules if peak <= budget), default=math.inf)
         res = _check(graph, budget)
         if expected == math.inf:
             assert res.status == "infeasible"
             break
         assert res.cost == pytest.approx(expected)
-        assert lp_lower_bound(graph, budget) <= expected + EPS
+        tight = _check(graph, budget, linearization="tight")
+        assert tight.cost == pytest.approx(expected)
+        for linearization in ("paper", "tight"):
+            lp = lp_lower_bound(graph, budget, linearization=linearization)
+            assert graph.total_cost - EPS <= lp <= expected + EPS
 
 
 @pytest.mark.parametrize("seed", range(6))
