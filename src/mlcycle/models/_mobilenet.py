@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mlcycle.models._init import init_cnn
+
 __all__ = ["ConvBNReLU6", "InvertedResidual", "MobileNetV2", "build_mobilenet_v2"]
 
 # (expansion t, output channels c, repeats n, first stride s) of each stage; Table 2 of the paper.
@@ -119,17 +121,7 @@ class MobileNetV2(nn.Module):
             nn.Linear(self.last_channel, num_classes),
         )
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_cnn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Classify images ``x`` of shape (B, C, H, W); returns logits (B, num_classes)."""

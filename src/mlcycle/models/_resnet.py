@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mlcycle.models._init import init_cnn
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "build_resnet"]
 
 
@@ -138,12 +140,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(self.inplanes, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cnn(self, linear_std=None)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):

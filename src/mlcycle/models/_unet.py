@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mlcycle.models._init import init_cnn
+
 __all__ = ["DoubleConv", "Down", "Up", "UNet", "build_unet"]
 
 
@@ -89,14 +91,7 @@ class UNet(nn.Module):
         self.ups = nn.ModuleList(Up(chans[i + 1], chans[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(chans[0], num_classes, kernel_size=1)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_cnn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Segment ``x`` of shape (B, C, H, W); returns logits (B, num_classes, H, W)."""

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from mlcycle.models._init import init_cnn
+
 __all__ = ["CFG_E", "VGG", "build_vgg"]
 
 # Channels of each 3x3 convolution; "M" is a 2x2/2 max-pool.
@@ -67,17 +69,7 @@ class VGG(nn.Module):
             nn.Linear(4096, num_classes),
         )
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_cnn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """Classify images ``x`` of shape (B, C, H, W); returns logits (B, num_classes)."""
