@@ -10,8 +10,11 @@ first. The result seeds CP-SAT and is returned on its own when CP-SAT finds noth
 
 from __future__ import annotations
 
+import random
+import time
+
 from mlcycle.train.remat.baselines import schedule_from_computes
-from mlcycle.train.remat.graph import Graph, Schedule
+from mlcycle.train.remat.graph import COMPUTE, FREE, Graph, Schedule
 from mlcycle.train.remat.simulate import simulate
 
 
@@ -54,22 +57,29 @@ def drop_schedule(graph: Graph, dropped: set[int], hold: set[int] | None) -> Sch
     return schedule_from_computes(graph, computes)
 
 
-def ratio_greedy(graph: Graph, budget_bytes: int) -> Schedule | None:
-    """The best drop-set schedule this greedy finds within ``budget_bytes``, or None."""
+def ratio_greedy(
+    graph: Graph, budget_bytes: int, *, search_s: float = 0.0, seed: int = 0
+) -> Schedule | None:
+    """The best drop-set schedule this greedy finds within ``budget_bytes``, or None.
+
+    With ``search_s > 0`` the best greedy result is then improved by a randomized local search
+    (keep a dropped output again, toggle whether a recomputed output is held, or swap a dropped
+    output for a kept one) that accepts only moves that fit and save compute.
+    """
     forward = [v for v, node in enumerate(graph.nodes) if not node.backward and graph.succs[v]]
     order = sorted(forward, key=lambda v: graph.nodes[v].cost / max(graph.nodes[v].bytes, 1))
 
-    def run(dropped: set[int], hold: set[int] | None) -> tuple[int, float, Schedule]:
+    def run(dropped: set[int], hold: set[int]) -> tuple[int, float, Schedule]:
         sched = drop_schedule(graph, dropped, hold)
         sim = simulate(graph, sched)
         return sim.peak_bytes, sim.cost, sched
 
-    found: list[tuple[float, Schedule]] = []
+    found: list[tuple[float, Schedule, set[int], set[int]]] = []
     # Pass 1 holds recomputed outputs until their last use; pass 2 frees them after each use.
     # Strict drops only take outputs that lower the peak; loose ones also take ties, which
     # helps when the peak sits at several moments at once.
     for hold_all, strict in ((True, False), (False, False), (True, True), (False, True)):
-        hold = None if hold_all else set()
+        hold = set(forward) if hold_all else set()
         dropped: set[int] = set()
         peak, cost, best = run(dropped, hold)
         # Drop outputs in order of cost per byte while that lowers the peak, until it fits.
@@ -97,12 +107,110 @@ def ratio_greedy(graph: Graph, budget_bytes: int) -> Schedule | None:
                 if trial_peak <= budget_bytes and trial_cost <= cost:
                     dropped.discard(v)
                     cost, best, improved = trial_cost, trial, True
-            if hold is None:
-                break
             for v in sorted(dropped - hold, key=lambda v: -graph.nodes[v].cost):
                 trial_peak, trial_cost, trial = run(dropped, hold | {v})
                 if trial_peak <= budget_bytes and trial_cost < cost:
                     hold.add(v)
                     cost, best, improved = trial_cost, trial, True
-        found.append((cost, best))
-    return min(found, key=lambda cs: cs[0])[1] if found else None
+        found.append((cost, best, dropped, hold))
+    if not found:
+        return None
+    cost, best, dropped, hold = min(found, key=lambda f: f[0])
+    if search_s <= 0 or not dropped:
+        return best
+    rng = random.Random(seed)
+    cheap = order[: max(8, len(order) // 3)]  # swap in only outputs cheap per byte
+    deadline = time.perf_counter() + search_s
+    while time.perf_counter() < deadline:
+        d, h = set(dropped), set(hold)
+        v = rng.choice(sorted(d))
+        move = rng.random()
+        if move < 0.25:
+            d.discard(v)
+        elif move < 0.5:
+            h ^= {v}
+        else:
+            kept = [u for u in cheap if u not in d]
+            if not kept:
+                continue
+            d.discard(v)
+            d.add(rng.choice(kept))
+        trial_peak, trial_cost, trial = run(d, h)
+        if trial_peak <= budget_bytes and trial_cost < cost:
+            dropped, hold, cost, best = d, h, trial_cost, trial
+    return best
+
+
+def evict_schedule(graph: Graph, budget_bytes: int, *, alpha: float = 1.0) -> Schedule | None:
+    """Run the nodes in order under a hard memory cap, evicting and recomputing on demand.
+
+    This is Dynamic Tensor Rematerialization (Kirisame et al., ICLR 2021) with the lookahead a
+    static graph allows: when the next computation would exceed the budget, the resident
+    output with the lowest ``cost / (bytes * distance_to_next_use ** alpha)`` is evicted
+    (outputs that nobody reads again are freed at once), and an evicted output is recomputed,
+    with whatever of its ancestors is missing, when a node reads it. Returns None when even
+    evicting everything evictable does not make room.
+    """
+    n = len(graph)
+    nodes = graph.nodes
+    size = [node.bytes for node in nodes]
+    cap = budget_bytes - graph.const_bytes
+    uses: list[list[int]] = [sorted(s) for s in graph.succs]
+    ptr = [0] * n  # uses[v][ptr[v]] is v's next reader at or after the current main step
+    resident: set[int] = set()
+    live = 0
+    ops: list[tuple[int, int]] = []
+    step = 0
+
+    def next_use(v: int) -> int:
+        u = uses[v]
+        while ptr[v] < len(u) and u[ptr[v]] < step:
+            ptr[v] += 1
+        return u[ptr[v]] if ptr[v] < len(u) else -1
+
+    def free(v: int) -> None:
+        nonlocal live
+        ops.append((FREE, v))
+        resident.discard(v)
+        live -= size[v]
+
+    def make_room(need: int, pinned: set[int]) -> bool:
+        while live + need > cap:
+            best, best_score = -1, float("inf")
+            for v in resident:
+                if v in pinned or nodes[v].output:
+                    continue
+                nxt = next_use(v)
+                if nxt < 0:  # read again only by recomputations already done
+                    best = v
+                    break
+                score = nodes[v].cost / (max(size[v], 1) * (nxt - step + 1) ** alpha)
+                if score < best_score:
+                    best, best_score = v, score
+            if best < 0:
+                return False
+            free(best)
+        return True
+
+    def compute(v: int, pinned: set[int]) -> bool:
+        nonlocal live
+        # Bring missing inputs back first (recursively), keeping v's other inputs pinned.
+        pins = pinned | set(graph.preds[v]) | {v}
+        for p in graph.preds[v]:
+            if p not in resident and not compute(p, pins):
+                return False
+        if not make_room(size[v], pins):
+            return False
+        ops.append((COMPUTE, v))
+        resident.add(v)
+        live += size[v]
+        return True
+
+    for v in range(n):
+        step = v
+        if not compute(v, set()):
+            return None
+        step = v + 1
+        for u in [u for u in resident if not nodes[u].output and next_use(u) < 0]:
+            free(u)
+    return Schedule.from_ops(ops)

@@ -82,3 +82,18 @@ def test_full_budget_needs_no_recomputation() -> None:
     graph = Graph.chain(8)
     plan = solve(graph, budget_fraction=1.0)
     assert plan.cost_ratio == 1.0 and plan.status == "optimal"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    graph=training_graphs(max_forward=12), t=st.floats(0.0, 1.0), alpha=st.sampled_from([0.5, 1, 2])
+)
+def test_eviction_schedules_are_valid_and_within_budget(
+    graph: Graph, t: float, alpha: float
+) -> None:
+    from mlcycle.train.remat._heuristic import evict_schedule
+
+    budget = _budget(graph, t)
+    schedule = evict_schedule(graph, budget, alpha=alpha)
+    if schedule is not None:
+        assert simulate(graph, schedule).peak_bytes <= budget
