@@ -27,6 +27,8 @@ __all__ = [
     "SimResult",
     "capture",
     "plan",
+    "rematerialize",
+    "Rematerialized",
     "simulate",
     "solve",
 ]
@@ -37,4 +39,8 @@ def __getattr__(name: str) -> Any:
         from mlcycle.train.remat._capture import CaptureError
 
         return CaptureError
+    if name in ("rematerialize", "Rematerialized"):  # the executor imports torch
+        from mlcycle.train.remat import execute
+
+        return getattr(execute, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

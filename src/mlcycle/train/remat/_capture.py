@@ -169,16 +169,19 @@ def _device_of(module: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.devic
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def _trace_joint(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> _Joint:
-    from functorch.compile import aot_function
+def functional_step(
+    module: nn.Module, record: dict[str, Any] | None = None
+) -> tuple[Any, list[str]]:
+    """``step(*params, *buffers, *inputs)``: the module as a pure function, for AOTAutograd.
+
+    The capture and the executor trace this same function, so both see the same joint graph
+    (same fx node names). Returns the function and the parameter and buffer names, in order.
+    """
     from torch.utils import _pytree as pytree
 
-    named_params = list(module.named_parameters())
-    named_buffers = list(module.named_buffers())
-    names = [n for n, _ in named_params] + [n for n, _ in named_buffers]
-    flat = [p for _, p in named_params] + [b for _, b in named_buffers] + list(inputs)
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
     k = len(names)
-    record: dict[str, Any] = {}
+    record = {} if record is None else record
 
     def step(*args: torch.Tensor) -> Any:
         out = torch.func.functional_call(
@@ -192,6 +195,19 @@ def _trace_joint(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> _Joint:
         except Exception:  # private API; only the metadata is lost
             record.pop("mutated", None)
         return out
+
+    return step, names
+
+
+def _trace_joint(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> _Joint:
+    from functorch.compile import aot_function
+
+    named_params = list(module.named_parameters())
+    named_buffers = list(module.named_buffers())
+    flat = [p for _, p in named_params] + [b for _, b in named_buffers] + list(inputs)
+    record: dict[str, Any] = {}
+    step, names = functional_step(module, record)
+    k = len(names)
 
     def partition(joint_module: fx.GraphModule, _joint_inputs: Any, **kwargs: Any) -> Any:
         record["gm"] = joint_module
@@ -406,10 +422,13 @@ def _analyse(gm: fx.GraphModule) -> _Fine:
             val = n.meta.get("val")
             if n.target is operator.getitem and isinstance(n.args[0], fx.Node):
                 base, idx = n.args[0], n.args[1]
-                if isinstance(base.meta.get("val"), (tuple, list)) and base.op == "call_function":
+                base_units = f.units.get(base.name, [])
+                if (base.name, int(idx)) in f.unit_bytes:  # an element the base allocated
                     f.units[n.name] = [(base.name, int(idx))]
-                else:
-                    f.units[n.name] = list(f.units.get(base.name, []))
+                elif isinstance(base.meta.get("val"), (tuple, list)) and not base_units:
+                    f.units[n.name] = []
+                else:  # an element of a view op's output (split): the base's storage
+                    f.units[n.name] = list(base_units)
             elif _is_alias(n) and n.all_input_nodes:
                 f.units[n.name] = list(f.units.get(n.all_input_nodes[0].name, []))
             elif isinstance(val, (tuple, list)):

@@ -226,7 +226,7 @@ def solve(
     if use_milp and (solver == "milp" or open_gap()) and remaining() > 1:
         from mlcycle.train.remat._checkmate import solve_checkmate_milp
 
-        res = solve_checkmate_milp(graph, budget, time_limit_s=remaining())
+        res = solve_checkmate_milp(graph, budget, time_limit_s=remaining(), linearization="tight")
         offer("checkmate-milp", res.schedule, proven=res.status == "optimal")
 
     winner = best()
