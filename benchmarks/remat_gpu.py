@@ -143,12 +143,14 @@ def main() -> int:
     if device == "cuda":
         torch.backends.cudnn.benchmark = False
         models = [("resnet50", {"batch": 128}), ("gpt2-small", {"batch": 16, "seq_len": 1024})]
-        cfg = rt.Config(device="cuda", steps=6, warmup=2, time_limit_s=30.0, deadline=deadline)
+        cfg = rt.Config(device="cuda", steps=6, warmup=2, time_limit_s=20.0, deadline=deadline)
         search_tries = 3
     else:
         torch.set_num_threads(1)
         models = [("resnet-tiny", {"batch": 16}), ("gpt2-tiny", {"batch": 32})]
-        cfg = rt.Config(device="cpu", steps=3, warmup=1, time_limit_s=3.0, deadline=deadline)
+        cfg = rt.Config(
+            device="cpu", steps=3, warmup=1, min_time_s=0.3, time_limit_s=3.0, deadline=deadline
+        )
         search_tries = 2
     fractions = (0.5, 0.35)
 

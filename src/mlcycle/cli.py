@@ -130,6 +130,67 @@ def remat_solve_graph(
     _plan_report(plan, {"graph": file.name}, as_json)
 
 
+@remat_app.command("check")
+def remat_check(
+    model: Annotated[str, typer.Option("--model", help="a name from mlcycle.models")],
+    batch: Annotated[int, typer.Option("--batch", help="batch size")] = 8,
+    budget_fraction: FractionOpt = 0.5,
+    solver: SolverOpt = "auto",
+    time_limit: TimeOpt = 60.0,
+    steps: Annotated[int, typer.Option("--steps", help="timed steps (median)")] = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the planned step beside the plain one: gradients, peak memory, step time."""
+    from mlcycle.models import list_models
+    from mlcycle.train.remat import InfeasibleBudgetError
+    from mlcycle.train.remat.check import check_model
+
+    if model not in list_models():
+        _fail(f"unknown model {model!r}; choose one of {', '.join(list_models())}.")
+    try:
+        result = check_model(
+            model,
+            batch=batch,
+            budget_fraction=budget_fraction,
+            steps=steps,
+            solver=solver,
+            time_limit_s=time_limit,
+        )
+    except (InfeasibleBudgetError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    from rich.console import Console
+
+    r = result
+    Console().print(
+        f"{model} batch {batch} on {r['device']}: peak {_gib(r['measured_peak_bytes'])} "
+        f"(predicted {_gib(r['predicted_peak_bytes'])}, plain {_gib(r['plain_peak_bytes'])}, "
+        f"{r['mem_ratio']:.2f}x); step {r['step_s_remat']:.3f} s vs {r['step_s_plain']:.3f} s "
+        f"({r['time_ratio']:.2f}x); planned compute {r['cost_ratio']:.3f}x; "
+        f"max |grad diff| {r['grad_max_abs_diff']:.2e}"
+    )
+
+
+@remat_app.command(
+    "bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def remat_bench(ctx: typer.Context) -> None:
+    """Run benchmarks/remat_train.py (ours beside torch's checkpointing and torch.compile);
+    extra arguments such as --quick and --json are passed on."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "remat_train.py"
+    if not script.exists():
+        _fail(
+            f"{script} not found: the benchmarks ship with the source checkout, not the wheel. "
+            "Clone the repository and run `make bench`."
+        )
+    sys.argv = [str(script), *ctx.args]
+    runpy.run_path(str(script), run_name="__main__")
+
+
 @app.command()
 def demo(
     quick: Annotated[bool, typer.Option("--quick/--full", help="small sizes")] = True,
