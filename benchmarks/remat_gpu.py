@@ -207,6 +207,8 @@ def main() -> int:
             notes.append(f"{name}: build failed: {rt.short_error(exc)}")
             continue
         benches.append(bench)
+        if bench.body_note:
+            notes.append(f"{name}: {bench.body_note}")
         with bench.active():
             bench.plain()
             bench.peers()

@@ -208,10 +208,10 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
 
 def infeasible_text(exc: Any, time_limit_s: float) -> str:
     """Why the planner gave up: a budget below the proven least, or none found in time."""
-    least = getattr(exc, "min_feasible_bytes", None)
+    least = getattr(exc, "min_feasible_bytes", None) or 0
     if "was found in" in str(exc):
-        return f"planner found no plan (limit {time_limit_s:g} s; proven least {least} B)"
-    return f"infeasible: proven least {least} B"
+        return f"no plan found (least possible {least / MIB:.2f} MiB; limit {time_limit_s:g} s)"
+    return f"infeasible (least possible {least / MIB:.2f} MiB)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,6 +372,7 @@ class Row:
 
     @property
     def ok(self) -> bool:
+        """Measured: no error, a step time and a peak."""
         return self.error is None and self.step_s is not None and self.peak_bytes is not None
 
 
@@ -443,8 +444,10 @@ class ModelBench:
         self.model.train()
         found = sequential_body(self.model)
         self.family, self.body = found if found else ("other", None)
+        self.body_note: str | None = None if found else "no sequential body known: no peers"
         if self.body is not None and not body_matches(self.model, self.body, self.inputs):
             self.body = None  # would measure another network: no peers then
+            self.body_note = "the sequential body does not reproduce the model: no peers"
         self.rows: list[Row] = []
         self.plain_row: Row | None = None
         self.plain_step: Callable[[], None] | None = None
@@ -462,12 +465,14 @@ class ModelBench:
         step: Callable[[], None],
         inputs: tuple[torch.Tensor, ...] | None = None,
         paired: bool = True,
+        cpu_peak_too: bool = True,
     ) -> dict[str, Any]:
         """Warm up, time ``cfg.steps`` steps, and measure the peak (see the module docstring).
 
         On the CPU with ``paired`` (and plain measured), each timed step is paired with a plain
         step, in alternating order, and ``time_ratio`` is the median of the per-pair ratios:
-        load from other processes on a shared machine then cancels out of the ratio.
+        load from other processes on a shared machine then cancels out of the ratio. Without
+        ``cpu_peak_too`` the CPU peak is left unmeasured (None).
         """
         cfg, dev = self.cfg, self.cfg.device
         ref = self.plain_step if paired and dev == "cpu" and step is not self.plain_step else None
@@ -499,17 +504,20 @@ class ModelBench:
             else:
                 times.append(timed(step))
                 ratios.append(times[-1] / timed(ref))
+        peak: int | None = None
         if dev == "cuda":
             peak, tracker = int(torch.cuda.max_memory_allocated()), "cuda.max_memory_allocated"
-        else:
+        elif cpu_peak_too:
             self.model.zero_grad(set_to_none=True)
             base = storage_bytes(self.resident(inputs))
             peak, tracker = cpu_peak(step, self.resident(inputs), cfg.tracker)
+        else:
+            tracker = "none"
         out = {
             "step_s": statistics.median(times),
             "step_mean_s": statistics.fmean(times),
             "peak_bytes": peak,
-            "peak_above_base": peak - base,
+            "peak_above_base": None if peak is None else peak - base,
             "tracker": tracker,
         }
         if ratios:
@@ -518,11 +526,11 @@ class ModelBench:
 
     def _finish(self, row: Row) -> Row:
         plain = self.plain_row
-        if row.ok and plain is not None and plain.ok and row is not plain:
-            assert row.step_s is not None and row.peak_bytes is not None
-            assert plain.step_s is not None and plain.peak_bytes is not None
+        if row.error is None and row.step_s and plain is not None and plain.ok:
             if row.time_ratio is None:  # else paired with plain steps (see measure)
-                row.time_ratio = row.step_s / plain.step_s
+                row.time_ratio = row.step_s / (plain.step_s or math.nan)
+        if row.ok and plain is not None and plain.ok and row is not plain:
+            assert row.peak_bytes is not None and plain.peak_bytes is not None
             row.mem_ratio = row.peak_bytes / plain.peak_bytes
             if row.peak_above_base is not None and plain.peak_above_base:
                 row.mem_ratio_above_base = row.peak_above_base / plain.peak_above_base
@@ -644,7 +652,7 @@ class ModelBench:
         if plain is None or not plain.ok:
             return None
         cap = int(fraction * (plain.peak_bytes or 0))
-        return self.ours(f"@{fraction:g}x measured plain", budget_bytes=cap)
+        return self.ours(f"@{fraction:g}x plain", budget_bytes=cap)
 
     def ours_at_peers(self) -> list[Row]:
         """Ours with ``budget_bytes`` = each eager peer's measured peak (equal memory)."""
@@ -689,16 +697,21 @@ class ModelBench:
                         step()
                         _sync(self.cfg.device)
                     row.compile_s = time.perf_counter() - t0
-                    row.__dict__.update(self.measure(step))
+                    # On the CPU a dispatch-mode tracker would make dynamo run the step eagerly
+                    # (the peak came out exactly plain's): the compiled peak is not measured.
+                    on_cpu = self.cfg.device == "cpu"
+                    row.__dict__.update(self.measure(step, cpu_peak_too=not on_cpu))
+                    if on_cpu:
+                        row.tracker = "none: compiled CPU code is invisible to the tracker"
             except Exception as exc:  # noqa: BLE001 -- recorded in the row
                 row.error = short_error(exc)
                 self._recover()
             finally:
                 torch._dynamo.reset()
-            if row.ok and b == 1.0:
+            if row.error is None and row.step_s and b == 1.0:
                 ref = row.step_s
-            if row.ok and ref:
-                row.time_ratio_own = row.step_s / ref  # type: ignore[operator]
+            if row.error is None and row.step_s and ref:
+                row.time_ratio_own = row.step_s / ref
             rows.append(self._finish(row))
         return rows
 
@@ -1000,8 +1013,8 @@ def run_all(
             fatal = True
             continue
         benches.append(bench)
-        if bench.body is None:
-            notes.append(f"{name}: no sequential body; peers skipped")
+        if bench.body_note:
+            notes.append(f"{name}: {bench.body_note}")
         with bench.active():
             bench.plain()
             bench.peers()
@@ -1048,10 +1061,59 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def main() -> int:
-    """Parse options, run, print the table, draw the figure, print the JSON."""
+def results_table(rows: list[Row], title: str) -> Any:
+    """The rows as a rich table (checkpoint_sequential shortened to ckpt_seq)."""
     from rich.table import Table
 
+    table = Table(title=title)
+    for col in (
+        "model",
+        "method",
+        "setting",
+        "step s",
+        "peak MiB",
+        "time x",
+        "mem x",
+        "plan MiB",
+        "plan cost",
+        "meas/plan",
+        "note",
+    ):
+        text = col in ("model", "method", "setting", "note")
+        table.add_column(
+            col,
+            justify="left" if text else "right",
+            no_wrap=True,
+            overflow="ellipsis",
+            min_width=len(col) if col != "note" else None,
+            max_width=34 if col == "note" else None,
+        )
+
+    def short(text: str) -> str:
+        return text.replace("checkpoint_sequential", "ckpt_seq").replace("segments=", "seg=")
+
+    for r in rows:
+        t = _fmt(r.time_ratio, 2)
+        if r.time_ratio_own is not None:
+            t += f" ({r.time_ratio_own:.2f} own)"
+        table.add_row(
+            r.model,
+            short(r.method),
+            short(r.setting),
+            _fmt(r.step_s, 4),
+            _fmt_mib(r.peak_bytes),
+            t,
+            _fmt(r.mem_ratio, 2),
+            _fmt_mib(r.plan_peak_bytes),
+            _fmt(r.plan_cost_ratio, 3),
+            _fmt(r.measured_over_plan, 2),
+            r.error or "",
+        )
+    return table
+
+
+def main() -> int:
+    """Parse options, run, print the table, draw the figure, print the JSON."""
     from _common import make_console, make_parser, print_json_last
 
     parser = make_parser(NAME, __doc__ or "")
@@ -1112,7 +1174,7 @@ def main() -> int:
         fractions, tries = (0.7, 0.5, 0.35, 0.25), 5
     cfg.mem_tol, cfg.tracker = args.mem_tol, args.tracker
     use_compile = args.compile == "on" or (args.compile == "auto" and not args.quick)
-    compile_skip = None if use_compile else "--quick (a CPU compile takes ~1 min per setting)"
+    compile_skip = None if use_compile else "in --quick (a CPU compile takes ~1 min each)"
     if use_compile and device == "cpu":
         import shutil
 
@@ -1153,40 +1215,7 @@ def main() -> int:
     )
     claims, detail = claims_of(rows, searches, cfg.mem_tol)
 
-    table = Table(title=f"{NAME}: one training step ({device_name(device)})")
-    for col in (
-        "model",
-        "method",
-        "setting",
-        "step s",
-        "peak MiB",
-        "time x",
-        "mem x",
-        "plan MiB",
-        "plan cost",
-        "meas/plan",
-        "note",
-    ):
-        text = col in ("model", "method", "setting", "note")
-        table.add_column(col, justify="left" if text else "right", no_wrap=col != "note")
-    for r in rows:
-        t = _fmt(r.time_ratio, 2)
-        if r.time_ratio_own is not None:
-            t += f" ({r.time_ratio_own:.2f} own)"
-        table.add_row(
-            r.model,
-            r.method,
-            r.setting,
-            _fmt(r.step_s, 4),
-            _fmt_mib(r.peak_bytes),
-            t,
-            _fmt(r.mem_ratio, 2),
-            _fmt_mib(r.plan_peak_bytes),
-            _fmt(r.plan_cost_ratio, 3),
-            _fmt(r.measured_over_plan, 2),
-            (r.error or "")[:70],
-        )
-    console.print(table)
+    console.print(results_table(rows, f"{NAME}: one training step ({device_name(device)})"))
     for s in searches:
         console.print(
             f"largest batch under cap {_fmt_mib(s.get('cap_bytes'))} MiB on {s['model']}: "

@@ -253,7 +253,12 @@ class Rematerialized(nn.Module):
 def _boxed(gm: fx.GraphModule, _example: Any) -> fx.GraphModule:
     """Run the graph eagerly, taking its inputs as a list that it clears, so that each saved
     tensor is released after its last use in the backward pass rather than at its end."""
-    gm.graph.set_codegen(fx.graph._BoxedCodeGen())
+    boxed_codegen = getattr(fx.graph, "_BoxedCodeGen", None)
+    if boxed_codegen is None:  # older torch: boxed, but inputs live until the graph returns
+        from functorch.compile import make_boxed_func
+
+        return make_boxed_func(gm)
+    gm.graph.set_codegen(boxed_codegen())
     gm.recompile()  # GraphModule reports _boxed_call from its codegen
     return gm
 

@@ -209,7 +209,9 @@ def solve(
     small = len(graph) <= MILP_MAX_NODES
     # CP-SAT first, seeded with the incumbent: it improves a good schedule quickly. Then, on
     # small graphs, Checkmate's MILP with what time is left, which can prove optimality.
-    if solver in ("auto", "cpsat") and (solver == "cpsat" or open_gap()) and remaining() > 1:
+    if solver == "auto" and not _has_ortools():
+        pass  # OR-Tools is a dependency, but a bare environment still gets a plan
+    elif solver in ("auto", "cpsat") and (solver == "cpsat" or open_gap()) and remaining() > 1:
         from mlcycle.train.remat._cpsat import solve_cpsat
 
         incumbent = best()
@@ -282,6 +284,12 @@ def plan(
         solver=solver,
         time_limit_s=time_limit_s,
     )
+
+
+def _has_ortools() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ortools") is not None
 
 
 def _fmt(nbytes: float) -> str:
