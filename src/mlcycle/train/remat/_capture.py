@@ -465,17 +465,57 @@ def _groups(f: _Fine, coarsen: bool) -> list[list[str]]:
     def inner_inputs(n: fx.Node) -> list[fx.Node]:
         return [a for a in n.all_input_nodes if a.op == "call_function"]
 
+    gpreds: list[set[int]] = []  # group -> the groups it reads from, so far
+
+    def reaches(src: int, dst: int) -> bool:
+        """Does group ``dst`` (transitively) read from group ``src``?"""
+        stack, seen = [dst], {dst}
+        while stack:
+            g = stack.pop()
+            if g == src:
+                return True
+            for p in gpreds[g] - seen:
+                seen.add(p)
+                stack.append(p)
+        return False
+
+    def sole_reader(n: fx.Node, g: int) -> bool:
+        """``n`` is the only reader outside group ``g`` of the values it reads from ``g``."""
+        return all(
+            u is n or group_of.get(u.name) == g
+            for a in inner_inputs(n)
+            if group_of[a.name] == g
+            for u in a.users
+        )
+
     for n in f.order:
         gs = {group_of[a.name] for a in inner_inputs(n)}
-        if coarsen and f.cheap[n.name] and len(gs) == 1:
-            (g,) = gs
-            if anchor_backward[g] == f.backward[n.name]:
-                group_of[n.name] = g
-                members[g].append(n.name)
+        if coarsen and f.cheap[n.name] and gs:
+            same_phase = [g for g in sorted(gs) if anchor_backward[g] == f.backward[n.name]]
+            if len(gs) == 1:
+                choice = same_phase[0] if same_phase else None
+            else:
+                # A pointwise op reading several groups (a residual add) joins the group whose
+                # value only it reads, so that value stays inside: it is freed as soon as the op
+                # ran, and the planner does not count it for the group's whole life. Joining is
+                # safe while no other input group depends on the chosen one.
+                choice = next(
+                    (
+                        g
+                        for g in same_phase
+                        if sole_reader(n, g) and not any(reaches(g, h) for h in gs - {g})
+                    ),
+                    None,
+                )
+            if choice is not None:
+                group_of[n.name] = choice
+                members[choice].append(n.name)
+                gpreds[choice] |= gs - {choice}
                 continue
         group_of[n.name] = len(members)
         members.append([n.name])
         anchor_backward.append(f.backward[n.name])
+        gpreds.append(set(gs))
 
     if coarsen:
         # A group with no inputs from other groups made only of cheap ops (a weight transposed,

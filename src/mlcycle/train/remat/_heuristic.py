@@ -141,15 +141,19 @@ def ratio_greedy(
     return best
 
 
-def evict_schedule(graph: Graph, budget_bytes: int, *, alpha: float = 1.0) -> Schedule | None:
+def evict_schedule(
+    graph: Graph, budget_bytes: int, *, alpha: float = 1.0, chain: bool = False
+) -> Schedule | None:
     """Run the nodes in order under a hard memory cap, evicting and recomputing on demand.
 
     This is Dynamic Tensor Rematerialization (Kirisame et al., ICLR 2021) with the lookahead a
     static graph allows: when the next computation would exceed the budget, the resident
     output with the lowest ``cost / (bytes * distance_to_next_use ** alpha)`` is evicted
     (outputs that nobody reads again are freed at once), and an evicted output is recomputed,
-    with whatever of its ancestors is missing, when a node reads it. Returns None when even
-    evicting everything evictable does not make room.
+    with whatever of its ancestors is missing, when a node reads it. With ``chain`` the cost
+    of an output also counts its inputs that are already evicted (one level of DTR's
+    equivalence classes), since recomputing it would recompute them too. Returns None when
+    even evicting everything evictable does not make room.
     """
     n = len(graph)
     nodes = graph.nodes
@@ -184,7 +188,10 @@ def evict_schedule(graph: Graph, budget_bytes: int, *, alpha: float = 1.0) -> Sc
                 if nxt < 0:  # read again only by recomputations already done
                     best = v
                     break
-                score = nodes[v].cost / (max(size[v], 1) * (nxt - step + 1) ** alpha)
+                cost = nodes[v].cost
+                if chain:
+                    cost += sum(nodes[p].cost for p in graph.preds[v] if p not in resident)
+                score = cost / (max(size[v], 1) * (nxt - step + 1) ** alpha)
                 if score < best_score:
                     best, best_score = v, score
             if best < 0:

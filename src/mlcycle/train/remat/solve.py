@@ -196,7 +196,8 @@ def solve(
 
         offer("greedy", ratio_greedy(graph, budget))
         for alpha in EVICT_ALPHAS:
-            offer("evict", evict_schedule(graph, budget, alpha=alpha))
+            for chain in (False, True):
+                offer("evict", evict_schedule(graph, budget, alpha=alpha, chain=chain))
 
     def best() -> tuple[float, str, Schedule, SimResult, bool] | None:
         return min(found, key=lambda f: f[0]) if found else None
