@@ -299,14 +299,32 @@ def body_matches(model: nn.Module, body: list[nn.Module], inputs: tuple[torch.Te
         model.load_state_dict(state)
 
 
-def make_step(model: nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], None]:
-    """One training step: gradients set to None, ``forward()``, the loss, backward."""
+def make_step(
+    model: nn.Module, forward: Callable[[], torch.Tensor], *, returns_loss: bool = False
+) -> Callable[[], None]:
+    """One training step: gradients set to None, ``forward()``, the loss, backward.
+
+    With ``returns_loss`` the forward already returns the loss (ours plans model and loss as
+    one module, so that the plan sees the logits-sized tensors the loss allocates).
+    """
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        loss_of(forward()).backward()
+        out = forward()
+        (out if returns_loss else loss_of(out)).backward()
 
     return step
+
+
+class WithLoss(nn.Module):
+    """``model`` followed by the benchmark loss, so that one plan covers the whole step."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return loss_of(self.model(*inputs))
 
 
 def peer_forwards(
@@ -606,7 +624,7 @@ class ModelBench:
             budget["cost_model"] = self.cfg.cost_model
         t0 = time.perf_counter()
         with time_limit(self.cfg.left() - margin if self.cfg.deadline is not None else None):
-            wrapper = self.remat(self.model, inputs, time_limit_s=limit, **budget)
+            wrapper = self.remat(WithLoss(self.model), inputs, time_limit_s=limit, **budget)
         plan_s = time.perf_counter() - t0
         self.plan_s_est = max(self.plan_s_est, plan_s)
         return wrapper, wrapper.plan, plan_s
@@ -630,7 +648,8 @@ class ModelBench:
             row.plan_plain_peak_bytes = int(plan.plain_peak_bytes)
             row.plan_cost_ratio = float(plan.cost_ratio)
             row.plan_solver = str(getattr(plan, "solver", ""))
-            row.__dict__.update(self.measure(make_step(self.model, lambda: wrapper(*self.inputs))))
+            step = make_step(self.model, lambda: wrapper(*self.inputs), returns_loss=True)
+            row.__dict__.update(self.measure(step))
             row.measured_over_plan = row.peak_bytes / row.plan_peak_bytes  # type: ignore[operator]
             row.plan_check_ok = abs(row.measured_over_plan - 1.0) <= self.cfg.plan_tol
         except InfeasibleBudgetError as exc:
@@ -765,7 +784,9 @@ class ModelBench:
                 self._recover()
                 return False, {"reason": "CUDA out of memory while planning"}
             try:
-                peak = self._peak_once(make_step(self.model, lambda: wrapper(*inputs)), inputs)
+                peak = self._peak_once(
+                    make_step(self.model, lambda: wrapper(*inputs), returns_loss=True), inputs
+                )
             except torch.cuda.OutOfMemoryError:
                 self._recover()
                 return False, {"reason": "CUDA out of memory", "plan_s": plan_s}
@@ -784,7 +805,11 @@ class ModelBench:
                 result["max_batch_ratio"] = ok / self.batch
                 if keep.get("batch") == ok and ok > self.batch:
                     wrapper, inputs = keep["wrapper"], keep["inputs"]
-                    m = self.measure(make_step(self.model, lambda: wrapper(*inputs)), inputs, False)
+                    m = self.measure(
+                        make_step(self.model, lambda: wrapper(*inputs), returns_loss=True),
+                        inputs,
+                        False,
+                    )
                     result["ours_step_s_at_max"] = m["step_s"]
                     result["throughput_ratio"] = (ok / m["step_s"]) / (self.batch / plain.step_s)  # type: ignore[operator]
             except Exception as exc:  # noqa: BLE001 -- recorded in the result

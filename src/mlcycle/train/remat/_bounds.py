@@ -42,7 +42,8 @@ def min_feasible_bytes(graph: Graph) -> int:
     plus the constant part."""
     desc = _descendants(graph)
     worst = max(
-        sum(graph.nodes[u].bytes for u in _resident_at(graph, v, desc)) for v in range(len(graph))
+        graph.nodes[v].transient + sum(graph.nodes[u].bytes for u in _resident_at(graph, v, desc))
+        for v in range(len(graph))
     )
     return worst + graph.const_bytes
 
@@ -68,7 +69,7 @@ def cut_knapsack_bound(graph: Graph, budget_bytes: int) -> float:
             w = low.bit_length() - 1
             bits ^= low
             needed.update(p for p in graph.preds[w] if forward[p])
-        must_bytes = sum(graph.nodes[u].bytes for u in must)
+        must_bytes = graph.nodes[b].transient + sum(graph.nodes[u].bytes for u in must)
         if must_bytes > cap:
             return math.inf
         items = sorted(

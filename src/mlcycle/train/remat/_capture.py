@@ -616,6 +616,7 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
             stash = out_members
             const_bytes += sum(f.unit_bytes[u] for u in out_units)
         anchor = names[0] if not coarsen else _anchor(names, by_name, group_of, f)
+        peak = _group_peak(names, by_name, f, owned, kept | out_units)
         nodes.append(
             Node(
                 name=anchor,
@@ -623,6 +624,7 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
                 bytes=int(nbytes),
                 backward=f.backward[anchor],
                 output=is_output,
+                transient=max(0, int(peak - nbytes)),
             )
         )
         graph_preds.append(tuple(sorted(index[h] for h in preds[g])))
@@ -649,6 +651,41 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
         fine_bytes=dict(f.bytes),
     )
     return graph
+
+
+def _group_peak(
+    names: list[str],
+    by_name: dict[str, fx.Node],
+    f: _Fine,
+    owned: set[tuple[str, int | None]],
+    held: set[tuple[str, int | None]],
+) -> int:
+    """The most bytes the group's own allocations hold at once while it runs, its members in
+    order: an allocation is released once every member that reads it (or a view of it) ran,
+    unless it is ``held`` (read outside the group, or a graph output)."""
+    inside = set(names)
+    readers: dict[tuple[str, int | None], int] = {}
+    for name in names:
+        for a in by_name[name].all_input_nodes:
+            if a.name in inside:
+                for u in f.units[a.name]:
+                    if u in owned:
+                        readers[u] = readers.get(u, 0) + 1
+    live = peak = 0
+    for name in names:
+        mine = [u for u in f.units[name] if u[0] == name]
+        live += sum(f.unit_bytes[u] for u in mine)
+        peak = max(peak, live)
+        released = [u for u in mine if u not in held and not readers.get(u)]
+        for a in by_name[name].all_input_nodes:
+            if a.name in inside:
+                for u in f.units[a.name]:
+                    if u in readers:
+                        readers[u] -= 1
+                        if not readers[u] and u not in held:
+                            released.append(u)
+        live -= sum(f.unit_bytes[u] for u in set(released))
+    return peak
 
 
 def _anchor(

@@ -97,7 +97,8 @@ def solve_cpsat(
     n = len(graph)
     cap_bytes = budget_bytes - graph.const_bytes
     sizes = [node.bytes for node in graph.nodes]
-    unit = reduce(math.gcd, [s for s in sizes if s] + [1 << 62]) or 1
+    transients = [node.transient for node in graph.nodes if node.transient]
+    unit = reduce(math.gcd, [s for s in sizes + transients if s] + [1 << 62]) or 1
     demand = [math.ceil(s / unit) for s in sizes]
     capacity = cap_bytes // unit
     if capacity < 0:
@@ -125,7 +126,11 @@ def solve_cpsat(
             m.Add(e + 1 == s + length)
             mem_intervals.append(m.NewOptionalIntervalVar(s, length, e + 1, p, f"m{v}_{k}"))
             mem_demands.append(demand[v])
-            ticks.append(m.NewOptionalFixedSizeIntervalVar(s, 1, p, f"t{v}_{k}"))
+            tick = m.NewOptionalFixedSizeIntervalVar(s, 1, p, f"t{v}_{k}")
+            ticks.append(tick)
+            if graph.nodes[v].transient:  # intermediates live only at the compute tick
+                mem_intervals.append(tick)
+                mem_demands.append(math.ceil(graph.nodes[v].transient / unit))
             if k:
                 m.Add(s > ev[k - 1]).OnlyEnforceIf(p)  # copies do not overlap
                 if k >= 2:

@@ -206,7 +206,7 @@ def evict_schedule(
         for p in graph.preds[v]:
             if p not in resident and not compute(p, pins):
                 return False
-        if not make_room(size[v], pins):
+        if not make_room(size[v] + nodes[v].transient, pins):
             return False
         ops.append((COMPUTE, v))
         resident.add(v)

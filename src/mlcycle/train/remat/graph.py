@@ -35,6 +35,8 @@ class Node:
         bytes: size of the output that stays resident while the node is kept.
         backward: True for nodes of the backward pass.
         output: True when the output must stay resident until the step ends (a gradient).
+        transient: extra bytes live only while the node computes (the intermediates inside a
+            coarse node that are freed before it ends).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Node:
     bytes: int
     backward: bool = False
     output: bool = False
+    transient: int = 0
 
 
 @dataclass
@@ -143,11 +146,13 @@ class Graph:
                     cost=float(n.get("cost_cpu", n.get("cost", 1.0))),
                     bytes=int(n.get("cost_ram", n.get("bytes", 0))),
                     backward=bool(n.get("backward", False)),
+                    output=bool(n.get("output", False)),
+                    transient=int(n.get("transient", 0)),
                 )
             )
         preds = [tuple(index[p] for p in preds_by_id[node_id]) for node_id in order]
         name = str(data.get("graph", {}).get("name", "graph"))
-        return cls(nodes=nodes, preds=preds, name=name)
+        return cls(nodes=nodes, preds=preds, name=name, const_bytes=int(data.get("const_bytes", 0)))
 
     def to_node_link(self) -> dict[str, Any]:
         """The graph as node-link JSON data (the inverse of :meth:`from_node_link`)."""
@@ -155,6 +160,7 @@ class Graph:
             "directed": True,
             "multigraph": False,
             "graph": {"name": self.name},
+            "const_bytes": self.const_bytes,
             "nodes": [
                 {
                     "id": i,
@@ -162,6 +168,8 @@ class Graph:
                     "backward": n.backward,
                     "cost_cpu": n.cost,
                     "cost_ram": n.bytes,
+                    **({"output": True} if n.output else {}),
+                    **({"transient": n.transient} if n.transient else {}),
                 }
                 for i, n in enumerate(self.nodes)
             ],

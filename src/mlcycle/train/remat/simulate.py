@@ -2,7 +2,8 @@
 
 The simulator is the single judge for every comparison between planners. Its memory model
 is Checkmate's (Jain et al., MLSys 2020, Sec. 4.3): while node ``v`` is computed, every
-resident output plus ``v``'s own output is live; a ``free`` releases an output at once.
+resident output plus ``v``'s own output (and its ``transient`` intermediates) is live; a
+``free`` releases an output at once.
 ``Graph.const_bytes`` (parameters, inputs) is added to every peak.
 """
 
@@ -68,7 +69,7 @@ def simulate(graph: Graph, schedule: Schedule, *, check_outputs: bool = True) ->
                 )
             resident[v] = True
             live += nbytes[v]
-            peak = max(peak, live)
+            peak = max(peak, live + graph.nodes[v].transient)
             cost += graph.nodes[v].cost
             recomputes += computed[v]
             computed[v] = True
