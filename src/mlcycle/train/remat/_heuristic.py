@@ -142,7 +142,12 @@ def ratio_greedy(
 
 
 def evict_schedule(
-    graph: Graph, budget_bytes: int, *, alpha: float = 1.0, chain: bool = False
+    graph: Graph,
+    budget_bytes: int,
+    *,
+    alpha: float = 1.0,
+    chain: bool = False,
+    beta: float = 1.0,
 ) -> Schedule | None:
     """Run the nodes in order under a hard memory cap, evicting and recomputing on demand.
 
@@ -191,7 +196,7 @@ def evict_schedule(
                 cost = nodes[v].cost
                 if chain:
                     cost += sum(nodes[p].cost for p in graph.preds[v] if p not in resident)
-                score = cost / (max(size[v], 1) * (nxt - step + 1) ** alpha)
+                score = cost / (max(size[v], 1) ** beta * (nxt - step + 1) ** alpha)
                 if score < best_score:
                     best, best_score = v, score
             if best < 0:
