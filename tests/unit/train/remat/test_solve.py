@@ -97,3 +97,18 @@ def test_eviction_schedules_are_valid_and_within_budget(
     schedule = evict_schedule(graph, budget, alpha=alpha)
     if schedule is not None:
         assert simulate(graph, schedule).peak_bytes <= budget
+
+
+def test_transient_bytes_count_only_while_a_node_computes() -> None:
+    from mlcycle.train.remat.graph import Node, Schedule
+
+    nodes = [Node("a", 1.0, 10), Node("b", 1.0, 10, transient=25), Node("c", 1.0, 10)]
+    graph = Graph(nodes=nodes, preds=[(), (0,), (1,)])
+    ops = [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1)]  # a; b (a live); free a; c; free b
+    assert simulate(graph, Schedule.from_ops(ops)).peak_bytes == 10 + 10 + 25
+    least = min_feasible_bytes(graph)
+    assert least == 45  # b's input, output and intermediates
+    with pytest.raises(InfeasibleBudgetError):
+        solve(graph, budget_bytes=least - 1)
+    plan = solve(graph, budget_bytes=least)
+    assert plan.peak_bytes <= least
