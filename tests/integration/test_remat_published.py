@@ -31,7 +31,7 @@ def test_published_figures_are_matched_or_beaten(
     file: str, fraction: float, reference: float | None
 ) -> None:
     graph = Graph.from_node_link(SHARED_GRAPHS / file)
-    plan = solve(graph, budget_fraction=fraction, time_limit_s=30)
+    plan = solve(graph, budget_fraction=fraction, time_limit_s=10)
     sim = simulate(graph, plan.schedule)
     assert sim.peak_bytes <= plan.budget_bytes
     if reference is not None:
