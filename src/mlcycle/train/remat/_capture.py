@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from mlcycle.train.remat.graph import Graph, Node
+from mlcycle.train.remat.graph import Graph, Node, _topological
 from mlcycle.train.remat.profile import (
     _is_alias,
     _is_tangent,
@@ -577,7 +577,8 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
                 h = group_of.get(a.name)
                 if h is not None and h != g:
                     preds[g].add(h)
-    order = _topo(members, preds, key=lambda g: f.pos[members[g][0]])
+    groups = range(len(members))
+    order = _topological(groups, dict(enumerate(preds)), key=lambda g: f.pos[members[g][0]])
     index = {g: i for i, g in enumerate(order)}
 
     nodes: list[Node] = []
@@ -698,26 +699,3 @@ def _anchor(
         if any(group_of[a.name] != g for a in ins) or not f.cheap[name]:
             return name
     return names[0]
-
-
-def _topo(members: list[list[str]], preds: list[set[int]], key: Any) -> list[int]:
-    import heapq
-
-    remaining = [len(p) for p in preds]
-    succs: list[list[int]] = [[] for _ in members]
-    for g, ps in enumerate(preds):
-        for p in ps:
-            succs[p].append(g)
-    ready = [(key(g), g) for g in range(len(members)) if remaining[g] == 0]
-    heapq.heapify(ready)
-    out: list[int] = []
-    while ready:
-        _, g = heapq.heappop(ready)
-        out.append(g)
-        for s in succs[g]:
-            remaining[s] -= 1
-            if remaining[s] == 0:
-                heapq.heappush(ready, (key(s), s))
-    if len(out) != len(members):  # pragma: no cover - contraction keeps a DAG
-        raise RuntimeError("internal error: coarsening produced a cycle")
-    return out

@@ -14,7 +14,7 @@ over node indices. It is the single exchange format between planners, the simula
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,8 +200,15 @@ class Graph:
         return cls(nodes=nodes, preds=preds, name=f"chain{n_forward}")
 
 
-def _topological(ids: Sequence[Any], preds: dict[Any, list[Any]]) -> list[Any]:
-    """Kahn's algorithm, stable in the given id order; raises on a cycle."""
+def _topological(
+    ids: Sequence[Any], preds: dict[Any, Any], key: Callable[[Any], Any] | None = None
+) -> list[Any]:
+    """Kahn's algorithm; among ready nodes the smallest ``key`` (default: position in
+    ``ids``) goes first. Raises ``ValueError`` on a cycle or a link from an unknown node."""
+    import heapq
+
+    pos = {i: k for k, i in enumerate(ids)}
+    key = key or pos.__getitem__
     remaining = {i: len(preds[i]) for i in ids}
     succs: dict[Any, list[Any]] = {i: [] for i in ids}
     for i in ids:
@@ -209,19 +216,16 @@ def _topological(ids: Sequence[Any], preds: dict[Any, list[Any]]) -> list[Any]:
             if p not in succs:
                 raise ValueError(f"Link from unknown node {p!r} to {i!r}.")
             succs[p].append(i)
-    import heapq
-
-    pos = {i: k for k, i in enumerate(ids)}
-    ready = [(pos[i], i) for i in ids if remaining[i] == 0]
+    ready = [(key(i), pos[i], i) for i in ids if remaining[i] == 0]
     heapq.heapify(ready)
     order = []
     while ready:
-        _, i = heapq.heappop(ready)
+        *_, i = heapq.heappop(ready)
         order.append(i)
         for s in succs[i]:
             remaining[s] -= 1
             if remaining[s] == 0:
-                heapq.heappush(ready, (pos[s], s))
+                heapq.heappush(ready, (key(s), pos[s], s))
     if len(order) != len(ids):
         raise ValueError("The graph has a cycle; a training graph must be a DAG.")
     return order
