@@ -52,6 +52,7 @@ EVICT_SCORES = (
     (1.5, 1.0, False),
     (2.0, 1.0, False),
 )
+MAX_HINT_COPIES = 4  # CP-SAT is seeded with schedules computing a node at most this often
 GAP_TOL = 1e-3  # a plan within 0.1% of the proven bound is reported optimal
 
 
@@ -225,13 +226,28 @@ def solve(
 
         incumbent = best()
         hint = incumbent[2] if incumbent else None
-        if hint is not None and max(hint.compute_counts(len(graph))) > 2:
-            hint = None  # the C = 2 model cannot express it; CP-SAT starts from scratch
+        copies = (2, 1)  # computations allowed per forward and per backward node
+        if hint is not None:
+            counts = hint.compute_counts(len(graph))
+            phase = [(c, n.backward) for c, n in zip(counts, graph.nodes, strict=True)]
+            fwd = max((c for c, b in phase if not b), default=1)
+            bwd = max((c for c, b in phase if b), default=1)
+            if max(fwd, bwd) > MAX_HINT_COPIES:
+                hint = None  # too large a model; CP-SAT starts from scratch with C = 2
+            else:
+                copies = (max(2, fwd), bwd)
         # Unseeded, CP-SAT finds no schedule for graphs of a few hundred nodes in a minute on
         # 2 cores (measured on ResNet-50); it is worth the time only with a hint or if asked.
         if hint is not None or small or solver == "cpsat":
             share = remaining() if solver == "cpsat" or not small else remaining() / 2
-            res = solve_cpsat(graph, budget, time_limit_s=share, hint=hint)
+            res = solve_cpsat(
+                graph,
+                budget,
+                time_limit_s=share,
+                hint=hint,
+                max_copies=copies[0],
+                backward_copies=copies[1],
+            )
             offer("cpsat", res.schedule, proven=res.status == "optimal")
     use_milp = solver == "milp" or (solver == "auto" and small)
     if use_milp and (solver == "milp" or open_gap()) and remaining() > 1:
