@@ -10,9 +10,6 @@ first. The result seeds CP-SAT and is returned on its own when CP-SAT finds noth
 
 from __future__ import annotations
 
-import random
-import time
-
 from mlcycle.train.remat.baselines import schedule_from_computes
 from mlcycle.train.remat.graph import COMPUTE, FREE, Graph, Schedule
 from mlcycle.train.remat.simulate import simulate
@@ -57,15 +54,8 @@ def drop_schedule(graph: Graph, dropped: set[int], hold: set[int] | None) -> Sch
     return schedule_from_computes(graph, computes)
 
 
-def ratio_greedy(
-    graph: Graph, budget_bytes: int, *, search_s: float = 0.0, seed: int = 0
-) -> Schedule | None:
-    """The best drop-set schedule this greedy finds within ``budget_bytes``, or None.
-
-    With ``search_s > 0`` the best greedy result is then improved by a randomized local search
-    (keep a dropped output again, toggle whether a recomputed output is held, or swap a dropped
-    output for a kept one) that accepts only moves that fit and save compute.
-    """
+def ratio_greedy(graph: Graph, budget_bytes: int) -> Schedule | None:
+    """The best drop-set schedule this greedy finds within ``budget_bytes``, or None."""
     forward = [v for v, node in enumerate(graph.nodes) if not node.backward and graph.succs[v]]
     order = sorted(forward, key=lambda v: graph.nodes[v].cost / max(graph.nodes[v].bytes, 1))
 
@@ -74,7 +64,7 @@ def ratio_greedy(
         sim = simulate(graph, sched)
         return sim.peak_bytes, sim.cost, sched
 
-    found: list[tuple[float, Schedule, set[int], set[int]]] = []
+    found: list[tuple[float, Schedule]] = []
     # Pass 1 holds recomputed outputs until their last use; pass 2 frees them after each use.
     # Strict drops only take outputs that lower the peak; loose ones also take ties, which
     # helps when the peak sits at several moments at once.
@@ -112,33 +102,8 @@ def ratio_greedy(
                 if trial_peak <= budget_bytes and trial_cost < cost:
                     hold.add(v)
                     cost, best, improved = trial_cost, trial, True
-        found.append((cost, best, dropped, hold))
-    if not found:
-        return None
-    cost, best, dropped, hold = min(found, key=lambda f: f[0])
-    if search_s <= 0 or not dropped:
-        return best
-    rng = random.Random(seed)
-    cheap = order[: max(8, len(order) // 3)]  # swap in only outputs cheap per byte
-    deadline = time.perf_counter() + search_s
-    while time.perf_counter() < deadline:
-        d, h = set(dropped), set(hold)
-        v = rng.choice(sorted(d))
-        move = rng.random()
-        if move < 0.25:
-            d.discard(v)
-        elif move < 0.5:
-            h ^= {v}
-        else:
-            kept = [u for u in cheap if u not in d]
-            if not kept:
-                continue
-            d.discard(v)
-            d.add(rng.choice(kept))
-        trial_peak, trial_cost, trial = run(d, h)
-        if trial_peak <= budget_bytes and trial_cost < cost:
-            dropped, hold, cost, best = d, h, trial_cost, trial
-    return best
+        found.append((cost, best))
+    return min(found, key=lambda f: f[0])[1] if found else None
 
 
 def evict_schedule(
