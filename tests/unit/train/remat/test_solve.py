@@ -26,7 +26,7 @@ def _budget(graph: Graph, t: float) -> int:
 def test_plan_is_valid_within_budget_and_beats_every_baseline(graph: Graph, t: float) -> None:
     budget = _budget(graph, t)
     try:
-        plan = solve(graph, budget_bytes=budget, time_limit_s=5)
+        plan = solve(graph, budget_bytes=budget, time_limit_s=2)
     except InfeasibleBudgetError as exc:
         # Only allowed when nothing at all fits: no baseline does either.
         assert not baseline_schedules(graph, budget)
@@ -54,7 +54,7 @@ def test_cut_bound_never_exceeds_the_exact_optimum(graph: Graph, t: float) -> No
 @given(graph=chains(min_layers=3, max_layers=9), slots=st.integers(1, 6))
 def test_chain_plan_matches_or_beats_revolve(graph: Graph, slots: int) -> None:
     revolve = simulate(graph, griewank_revolve(graph, slots))
-    plan = solve(graph, budget_bytes=revolve.peak_bytes, time_limit_s=10)
+    plan = solve(graph, budget_bytes=revolve.peak_bytes, time_limit_s=3)
     assert plan.peak_bytes <= revolve.peak_bytes
     assert plan.cost_ratio <= revolve.cost_ratio + 1e-9
 
