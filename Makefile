@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev
+EXTRAS ?= dev,serve,cluster
 
 .PHONY: demo test bench lint format clean setup
 
@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	@set -e; for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f --quick; done
 
 lint: $(STAMP)
