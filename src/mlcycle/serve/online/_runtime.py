@@ -1,0 +1,440 @@
+"""A deployed model version: its replicas, its queue, and one batching loop per replica.
+
+Queries for a model wait in one queue; each replica runs its own batching loop with its own
+controller (Clipper Sec. 4.3) and takes the next batch whenever it is free, so work goes to
+whichever replica frees up first (late binding) and a crashed or restarting replica strands no
+queued query. Every query carries its deadline; a timer answers it with the marked default at
+the deadline if no model has, and admission control refuses at once a query whose predicted
+finish (queue ahead, batch sizes, the fitted batch latency) is past its deadline.
+
+A replica that crashes is restarted with back-off; the queries of its in-flight batch go back
+to the front of the queue once, and get the default if they were already retried. A batch on
+which the model raises is split into single queries, so one bad input fails alone (with a
+4xx for its client) and the rest are answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from typing import Any
+
+from mlcycle.serve.online._config import ModelConfig
+from mlcycle.serve.online._metrics import ModelMetrics
+from mlcycle.serve.online.batching import BatchController, LatencyModel, make_controller
+from mlcycle.serve.online.cache import PredictionCache
+from mlcycle.serve.online.replicas import (
+    ModelError,
+    Replica,
+    ReplicaCrashed,
+    make_replica,
+)
+
+log = logging.getLogger("mlcycle.serve")
+
+
+class _Reason:
+    """A marker that a query got no model answer, and why."""
+
+    __slots__ = ("why",)
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def __repr__(self) -> str:
+        return f"<no answer: {self.why}>"
+
+
+TIMEOUT = _Reason("deadline")  # the deadline timer fired first
+CRASHED = _Reason("crash")  # the replica crashed twice under the query
+REJECTED = _Reason("admission")  # predicted to miss the deadline; never queued
+STOPPED = _Reason("undeployed")  # the model went away while the query waited
+
+
+class InputRejected(Exception):
+    """The model raised on this input alone; the message says why (a 422 for the client)."""
+
+
+class Query:
+    """One input waiting for one model."""
+
+    __slots__ = ("input", "future", "deadline", "retried", "timer", "digest")
+
+    def __init__(
+        self, x: Any, future: asyncio.Future[Any], deadline: float, digest: bytes | None
+    ) -> None:
+        self.input = x
+        self.future = future
+        self.deadline = deadline
+        self.retried = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.digest = digest
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(TIMEOUT)
+
+
+class _Slot:
+    """A replica and its batching loop's state."""
+
+    __slots__ = ("replica", "controller", "task", "busy_until", "busy_n", "restarting")
+
+    def __init__(self, replica: Replica, controller: BatchController) -> None:
+        self.replica = replica
+        self.controller = controller
+        self.task: asyncio.Task[None] | None = None
+        self.busy_until = 0.0  # predicted end of the batch in flight (loop time), 0 when idle
+        self.busy_n = 0
+        self.restarting = False
+
+
+class ModelRuntime:
+    """The running replicas of one model version, fed from one deadline-aware queue.
+
+    Args:
+        config: the model version's configuration.
+        cache: the server's prediction cache (outputs are stored on the way back).
+        metrics: this model's counters.
+        target_s: the batch latency objective for the controllers (about half the SLO).
+        ray_address, ray_num_cpus: where Ray replicas go.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        cache: PredictionCache,
+        metrics: ModelMetrics,
+        *,
+        target_s: float = 0.025,
+        ray_address: str | None = None,
+        ray_num_cpus: int | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.version = config.version
+        self.key = config.key
+        self.cache = cache
+        self.metrics = metrics
+        self.target_s = target_s
+        self.wait_s = config.batching.wait_ms / 1e3
+        self.latency = LatencyModel()
+        self.input_shape: list[int] | None = config.input_shape
+        self.meta: dict[str, Any] = {}
+        self._ray = (ray_address, ray_num_cpus)
+        self._queue: deque[Query] = deque()
+        self._idle: deque[asyncio.Future[None]] = deque()
+        self._fill: tuple[asyncio.Future[None], int] | None = None
+        self._slots: list[_Slot] = []
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def _new_slot(self, index: int) -> _Slot:
+        ray_address, ray_num_cpus = self._ray
+        replica = make_replica(
+            self.config, index, ray_address=ray_address, ray_num_cpus=ray_num_cpus
+        )
+        b = self.config.batching
+        controller = make_controller(
+            b.policy, max_batch_size=b.max_batch_size, target_s=self.target_s, model=self.latency
+        )
+        return _Slot(replica, controller)
+
+    async def start(self) -> None:
+        """Start every replica (concurrently); stops them all if one fails to load."""
+        self._loop = asyncio.get_running_loop()
+        slots = [self._new_slot(i) for i in range(self.config.replicas)]
+        results = await asyncio.gather(*(s.replica.start() for s in slots), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await asyncio.gather(*(s.replica.stop() for s in slots), return_exceptions=True)
+            raise errors[0]
+        self._adopt_meta(slots[0].replica.meta)
+        for slot in slots:
+            self._launch(slot)
+        self.metrics.replicas = len(self._slots)
+
+    def _adopt_meta(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+        if self.input_shape is None and meta.get("input_shape"):
+            self.input_shape = list(meta["input_shape"])
+
+    def _launch(self, slot: _Slot) -> None:
+        slot.replica.on_lost = self._wake_all
+        self._slots.append(slot)
+        slot.task = asyncio.get_running_loop().create_task(
+            self._serve(slot), name=f"batching-{self.key}-{slot.replica.index}"
+        )
+
+    async def set_replicas(self, n: int) -> None:
+        """Grow or shrink to ``n`` replicas at runtime (new ones load before they serve)."""
+        if n > len(self._slots):
+            base = max((s.replica.index for s in self._slots), default=-1) + 1
+            new = [self._new_slot(base + i) for i in range(n - len(self._slots))]
+            results = await asyncio.gather(
+                *(s.replica.start() for s in new), return_exceptions=True
+            )
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                await asyncio.gather(*(s.replica.stop() for s in new), return_exceptions=True)
+                raise errors[0]
+            for slot in new:
+                self._launch(slot)
+        elif n < len(self._slots):
+            gone = self._slots[n:]
+            del self._slots[n:]
+            for slot in gone:
+                await self._retire(slot)
+            self._wake_all()  # batches cut short went back to the queue
+        self.config.replicas = n
+        self.metrics.replicas = len(self._slots)
+
+    async def _retire(self, slot: _Slot) -> None:
+        if slot.task is not None:
+            slot.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await slot.task
+        await slot.replica.stop()
+
+    def set_target(self, target_s: float) -> None:
+        """A new batch latency objective (the apps linked to the model changed)."""
+        self.target_s = target_s
+        for slot in self._slots:
+            if hasattr(slot.controller, "target_s"):
+                slot.controller.target_s = target_s  # type: ignore[attr-defined]
+
+    async def stop(self, successor: ModelRuntime | None = None) -> None:
+        """Stop every replica; queued queries move to ``successor`` or get the default."""
+        self._closing = True
+        slots, self._slots = self._slots, []
+        await asyncio.gather(*(self._retire(s) for s in slots), return_exceptions=True)
+        if successor is not None and not successor._closing:
+            successor.adopt(self._queue)
+            self._queue = deque()
+        while self._queue:
+            q = self._queue.popleft()
+            self._finish(q, STOPPED)
+        for w in self._idle:
+            if not w.done():
+                w.set_result(None)
+        self.metrics.replicas = 0
+
+    # ---- submitting ------------------------------------------------------------------------
+
+    def predicted_finish(self, now: float) -> float:
+        """When a query queued now would be answered (loop time), from the latency fit."""
+        lat = self.latency
+        live = [s for s in self._slots if not s.restarting]
+        if not live:
+            return math.inf
+        if lat.count == 0:
+            return now
+        r = len(live)
+        bs = max(1, live[0].controller.batch_size(None))
+        q = len(self._queue) + 1
+        free_at = min(s.busy_until for s in live)
+        start = max(now, free_at)
+        rounds = -(-q // (bs * r))  # ceil
+        return start + (rounds - 1) * lat.predict_s(bs) + lat.predict_s(min(q, bs))
+
+    def submit(self, x: Any, deadline: float, digest: bytes | None = None) -> asyncio.Future[Any]:
+        """Queue one input; the future resolves to the output or a :class:`_Reason`.
+
+        It may raise :class:`InputRejected` through the future when the model rejects the input.
+        """
+        loop = self._loop or asyncio.get_running_loop()
+        fut = loop.create_future()
+        now = loop.time()
+        if self._closing or self.predicted_finish(now) > deadline:
+            fut.set_result(REJECTED)
+            return fut
+        q = Query(x, fut, deadline, digest)
+        q.timer = loop.call_at(deadline, _expire, fut)
+        self._queue.append(q)
+        self.metrics.queries += 1
+        if self._idle:
+            w = self._idle.popleft()
+            if not w.done():
+                w.set_result(None)
+        fill = self._fill
+        if fill is not None and len(self._queue) >= fill[1] and not fill[0].done():
+            fill[0].set_result(None)
+        return fut
+
+    def adopt(self, queries: deque[Query]) -> None:
+        """Take over queries queued at a replaced version (they keep their deadlines)."""
+        for q in queries:
+            if not q.future.done():
+                self._queue.append(q)
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        idle, self._idle = self._idle, deque()
+        for w in idle:
+            if not w.done():
+                w.set_result(None)
+
+    def _finish(self, q: Query, value: Any) -> None:
+        if q.timer is not None:
+            q.timer.cancel()
+        if not q.future.done():
+            q.future.set_result(value)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._queue)
+
+    # ---- the batching loop -----------------------------------------------------------------
+
+    async def _serve(self, slot: _Slot) -> None:
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        replica = slot.replica
+        ctrl = slot.controller
+        metrics = self.metrics
+        perf = time.perf_counter
+        while not self._closing:
+            if not replica.alive:  # died while idle: restart before taking work
+                await self._on_crash(slot, [], ReplicaCrashed(f"replica {replica.index} died"))
+                continue
+            while queue and queue[0].future.done():  # answered by their deadline timers
+                queue.popleft().timer.cancel()  # type: ignore[union-attr]
+            if not queue:
+                waiter = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
+                continue
+            now = loop.time()
+            remaining = queue[0].deadline - now
+            n = ctrl.batch_size(remaining)
+            if self.wait_s > 0.0 and len(queue) < n:  # delayed batching: wait for a fuller one
+                wait = min(self.wait_s, remaining - self.latency.predict_s(n))
+                if wait > 0.0:
+                    fill = loop.create_future()
+                    self._fill = (fill, n)
+                    handle = loop.call_later(wait, _expire, fill)
+                    await fill
+                    handle.cancel()
+                    self._fill = None
+            batch: list[Query] = []
+            while queue and len(batch) < n:
+                q = queue.popleft()
+                if q.future.done():
+                    q.timer.cancel()  # type: ignore[union-attr]
+                else:
+                    batch.append(q)
+            if not batch:
+                continue
+            size = len(batch)
+            start = perf()
+            slot.busy_until = loop.time() + self.latency.predict_s(size)
+            slot.busy_n = size
+            try:
+                outputs = await replica.predict_batch([q.input for q in batch])
+            except ReplicaCrashed as exc:
+                slot.busy_until = 0.0
+                await self._on_crash(slot, batch, exc)
+                continue
+            except ModelError as exc:
+                slot.busy_until = 0.0
+                metrics.model_errors += 1
+                await self._isolate(replica, batch, exc)
+                continue
+            except asyncio.CancelledError:
+                for q in batch:  # retired while busy: let another replica take them
+                    queue.appendleft(q)
+                raise
+            elapsed = perf() - start
+            slot.busy_until = 0.0
+            ctrl.observe(size, elapsed)
+            self.latency.observe(size, elapsed)
+            metrics.observe_batch(size, elapsed)
+            cache = self.cache
+            name, version = self.name, self.version
+            for q, out in zip(batch, outputs, strict=True):
+                if q.digest is not None:
+                    cache.put(name, version, q.digest, out)
+                self._finish(q, out)
+
+    async def _on_crash(self, slot: _Slot, batch: list[Query], exc: Exception) -> None:
+        log.warning("%s: %s; restarting the replica", self.key, exc)
+        self.metrics.restarts += 1
+        for q in reversed(batch):
+            if q.future.done():
+                continue
+            if q.retried:
+                self._finish(q, CRASHED)
+            else:
+                q.retried = True
+                self._queue.appendleft(q)
+        while self._idle and self._queue:  # wake the other replicas for the retries
+            w = self._idle.popleft()
+            if not w.done():
+                w.set_result(None)
+        slot.restarting = True
+        delay_s = 0.1
+        try:
+            while not self._closing:
+                try:
+                    await slot.replica.restart()
+                    return
+                except Exception as err:  # noqa: BLE001 - keep trying, the model may come back
+                    log.warning(
+                        "%s: restart failed (%s); retrying in %.1f s", self.key, err, delay_s
+                    )
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, 10.0)
+        finally:
+            slot.restarting = False
+
+    async def _isolate(self, replica: Replica, batch: list[Query], exc: ModelError) -> None:
+        if len(batch) == 1:
+            q = batch[0]
+            if q.timer is not None:
+                q.timer.cancel()
+            if not q.future.done():
+                q.future.set_exception(InputRejected(str(exc)))
+            return
+        for q in batch:  # one at a time, so a bad input fails alone
+            if q.future.done():
+                continue
+            try:
+                out = (await replica.predict_batch([q.input]))[0]
+            except ModelError as one:
+                await self._isolate(replica, [q], one)
+                continue
+            except ReplicaCrashed:
+                self._finish(q, CRASHED)
+                continue
+            if q.digest is not None:
+                self.cache.put(self.name, self.version, q.digest, out)
+            self._finish(q, out)
+
+    # ---- admin -----------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """State for the admin API: replicas, batch sizes, the latency fit."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "kind": self.config.kind,
+            "factory": self.config.factory,
+            "input_shape": self.input_shape,
+            "queue_length": len(self._queue),
+            "batching": {
+                "policy": self.config.batching.policy,
+                "max_batch_size": self.config.batching.max_batch_size,
+                "wait_ms": self.config.batching.wait_ms,
+                "target_ms": self.target_s * 1e3,
+                "batch_sizes": [s.controller.batch_size(None) for s in self._slots],
+                "latency_fit": self.latency.to_dict(),
+            },
+            "replicas": [s.replica.info() for s in self._slots],
+        }

@@ -1,0 +1,101 @@
+"""Model factories for tests, benchmarks and the demo: name them in a config by string.
+
+- ``mlcycle.serve.online.examples:noop``: echoes each input (the server's own overhead).
+- ``mlcycle.serve.online.examples:mlp``: Linear(256, 1024)-ReLU-Linear(1024, 1024)-ReLU-
+  Linear(1024, 10) with a softmax, one torch thread, the model of the serving peers' table.
+- ``mlcycle.serve.online.examples:wide_mlp``: the same with 4096 hidden units. At batch 1 a
+  call streams 72 MB of weights for ~36 MFLOP; a batch reuses them, so batching pays off more.
+- ``sleepy``: sleeps ``base_ms + per_item_ms * len(batch)`` and echoes (a slow model for SLO
+  tests), ``constant``: returns fixed class scores (for selection and cascade tests), and
+  ``failing``: raises on inputs marked bad.
+
+Every factory takes keyword arguments from the config's ``"args"``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["constant", "failing", "mlp", "noop", "sleepy", "wide_mlp"]
+
+
+def noop() -> Callable[[list[Any]], list[Any]]:
+    """A batch function that returns its inputs unchanged."""
+
+    def echo(batch: list[Any]) -> list[Any]:
+        return batch
+
+    return echo
+
+
+def mlp(
+    in_features: int = 256, hidden: int = 1024, classes: int = 10, seed: int = 0, threads: int = 1
+) -> Any:
+    """Linear-ReLU-Linear-ReLU-Linear with a softmax output, in eval mode.
+
+    Args:
+        in_features: input width; the module's ``input_shape`` is ``[in_features]``.
+        hidden: width of both hidden layers.
+        classes: outputs (class probabilities).
+        seed: weight initialisation seed.
+        threads: torch intra-op threads (``torch.set_num_threads``).
+    """
+    import torch
+    from torch import nn
+
+    torch.set_num_threads(threads)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, classes),
+        nn.Softmax(dim=-1),
+    ).eval()
+    torch.random.set_rng_state(gen_state)
+    model.input_shape = [in_features]  # read by the server to check inputs at the frontend
+    return model
+
+
+def wide_mlp(in_features: int = 256, hidden: int = 4096, classes: int = 10, seed: int = 0) -> Any:
+    """:func:`mlp` with 4096 hidden units, where batching pays off more."""
+    return mlp(in_features=in_features, hidden=hidden, classes=classes, seed=seed)
+
+
+def sleepy(
+    base_ms: float = 5.0, per_item_ms: float = 0.0, input_shape: list[int] | None = None
+) -> Callable[[list[Any]], list[Any]]:
+    """Echo after sleeping ``base_ms + per_item_ms * len(batch)`` (releases the GIL)."""
+
+    def slow(batch: list[Any]) -> list[Any]:
+        time.sleep((base_ms + per_item_ms * len(batch)) / 1e3)
+        return batch
+
+    if input_shape is not None:
+        slow.input_shape = input_shape  # type: ignore[attr-defined]
+    return slow
+
+
+def constant(scores: list[float] | None = None) -> Callable[[list[Any]], list[Any]]:
+    """Return the same class scores for every input (default: [0.7, 0.3])."""
+    out = list(scores) if scores is not None else [0.7, 0.3]
+
+    def fixed(batch: list[Any]) -> list[Any]:
+        return [out] * len(batch)
+
+    return fixed
+
+
+def failing(bad: Any = "bad") -> Callable[[list[Any]], list[Any]]:
+    """Echo, but raise ValueError when the batch holds the input ``bad``."""
+
+    def maybe_fail(batch: list[Any]) -> list[Any]:
+        if bad in batch:
+            raise ValueError(f"input {bad!r} is not accepted by this model")
+        return batch
+
+    return maybe_fail
