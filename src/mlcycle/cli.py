@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from mlcycle._version import __version__
+from mlcycle.serve.online._cli import serve_app
 
 app = typer.Typer(
     help="mlcycle: the machine-learning lifecycle, each stage on the systems that made it fast.",
@@ -25,6 +26,7 @@ remat_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(remat_app, name="remat")
+app.add_typer(serve_app, name="serve")  # defined beside the server; imports typer and stdlib only
 
 SolverOpt = Annotated[
     str, typer.Option("--solver", help="auto | greedy | milp | cpsat | a baseline name")

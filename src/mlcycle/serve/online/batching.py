@@ -144,7 +144,7 @@ class LatencyModel:
             return 1
         if self.b_s <= 0.0:
             return max_batch_size
-        n = int((remaining_s - self.a_s - self.margin_s) / self.b_s)
+        n = int((remaining_s - self.a_s - self.margin_s) / self.b_s + 1e-9)  # float noise
         return max(1, min(max_batch_size, n))
 
     def to_dict(self) -> dict[str, Any]:
