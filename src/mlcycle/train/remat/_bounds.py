@@ -29,6 +29,13 @@ def _descendants(graph: Graph) -> list[int]:
     return desc
 
 
+def _ancestor_stash(graph: Graph, desc: list[int]) -> list[int]:
+    """For each node, the stash bytes of itself and its ancestors: allocated before it runs in
+    every schedule, and never freed."""
+    stashed = [(u, graph.nodes[u].stash) for u in range(len(graph)) if graph.nodes[u].stash]
+    return [sum(s for u, s in stashed if desc[u] >> v & 1) for v in range(len(graph))]
+
+
 def _resident_at(graph: Graph, v: int, desc: list[int]) -> set[int]:
     """Nodes whose outputs are surely live while ``v`` is computed: ``v``, its inputs, and the
     ``output`` nodes among its ancestors (computed before ``v`` and never freed)."""
@@ -41,8 +48,11 @@ def min_feasible_bytes(graph: Graph) -> int:
     """A peak no schedule can go below: at every node, what :func:`_resident_at` must hold,
     plus the constant part."""
     desc = _descendants(graph)
+    stash = _ancestor_stash(graph, desc)
     worst = max(
-        graph.nodes[v].transient + sum(graph.nodes[u].bytes for u in _resident_at(graph, v, desc))
+        graph.nodes[v].transient
+        + stash[v]
+        + sum(graph.nodes[u].bytes for u in _resident_at(graph, v, desc))
         for v in range(len(graph))
     )
     return worst + graph.const_bytes
@@ -57,6 +67,7 @@ def cut_knapsack_bound(graph: Graph, budget_bytes: int) -> float:
     cap = budget_bytes - graph.const_bytes
     best_extra = 0.0
     desc = _descendants(graph)
+    stash = _ancestor_stash(graph, desc)
     forward = [not node.backward for node in graph.nodes]
     for b in range(n):
         if forward[b]:
@@ -69,7 +80,7 @@ def cut_knapsack_bound(graph: Graph, budget_bytes: int) -> float:
             w = low.bit_length() - 1
             bits ^= low
             needed.update(p for p in graph.preds[w] if forward[p])
-        must_bytes = graph.nodes[b].transient + sum(graph.nodes[u].bytes for u in must)
+        must_bytes = graph.nodes[b].transient + stash[b] + sum(graph.nodes[u].bytes for u in must)
         if must_bytes > cap:
             return math.inf
         items = sorted(

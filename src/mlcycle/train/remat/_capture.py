@@ -75,8 +75,9 @@ def capture_graph(
 
     Returns:
         The graph, nodes in topological order. ``const_bytes`` is the memory of all
-        placeholders (parameters, buffers, inputs, tangents) plus the graph outputs that are
-        stashed (see ``"stash"`` below). ``graph.meta`` holds what the executor needs:
+        placeholders (parameters, buffers, inputs, tangents); the graph outputs that are
+        stashed (see ``"stash"`` below) are each node's ``Node.stash``. ``graph.meta`` holds
+        what the executor needs:
 
         - ``"fx"``: the joint :class:`torch.fx.GraphModule`; its forward takes the flat
           placeholder values in order (``meta["placeholders"]``).
@@ -87,7 +88,7 @@ def capture_graph(
           not marked ``output`` (e.g. BatchNorm running statistics computed beside an
           activation, or a weight gradient computed beside an input gradient). The executor
           keeps these values from their first computation to the end of the step; their
-          bytes are in ``const_bytes``, not in the node's ``bytes``.
+          bytes are the node's ``stash``, not in its ``bytes``.
         - ``"random"``: indices of graph nodes that draw random numbers (dropout): recomputing
           one draws a new mask unless the RNG state is restored first.
         - ``"placeholders"``: ``(fx name, kind, source)`` with kind ``"param"``, ``"buffer"``,
@@ -609,13 +610,14 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
                 out_members.append(name)
                 out_units |= set(f.units[name]) & owned
         is_output = bool(out_members) and kept <= out_units
+        stash_bytes = 0
         if is_output:
             nbytes = sum(f.unit_bytes[u] for u in out_units)
             stash: list[str] = []
         else:
-            nbytes = sum(f.unit_bytes[u] for u in kept)
+            nbytes = sum(f.unit_bytes[u] for u in kept - out_units)
             stash = out_members
-            const_bytes += sum(f.unit_bytes[u] for u in out_units)
+            stash_bytes = sum(f.unit_bytes[u] for u in out_units)
         anchor = names[0] if not coarsen else _anchor(names, by_name, group_of, f)
         peak = _group_peak(names, by_name, f, owned, kept | out_units)
         nodes.append(
@@ -625,7 +627,8 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
                 bytes=int(nbytes),
                 backward=f.backward[anchor],
                 output=is_output,
-                transient=max(0, int(peak - nbytes)),
+                transient=max(0, int(peak - nbytes - stash_bytes)),
+                stash=int(stash_bytes),
             )
         )
         graph_preds.append(tuple(sorted(index[h] for h in preds[g])))

@@ -45,7 +45,8 @@ frontier-advancing schedules in the simulator). Every schedule is replayed in th
 before it is returned; HiGHS's feasibility tolerance could in principle let a rounded solution
 exceed the budget by a few bytes, in which case the model's budget is tightened and it is
 solved again.
-``graph.const_bytes`` is subtracted from the budget before the model is built.
+``graph.const_bytes`` is subtracted from the budget before the model is built, and so are the
+nodes' ``stash`` bytes (conservative; see :func:`solve_checkmate_milp`).
 """
 
 from __future__ import annotations
@@ -418,10 +419,16 @@ def solve_checkmate_milp(
     """
     start = time.perf_counter()
     total = graph.total_cost
-    budget = int(budget_bytes) - int(graph.const_bytes)
+    # The MILP has no variable for "computed already"; a node's stash is counted from the step's
+    # start instead. Its schedules stay valid, but its optimum and bounds then belong to a
+    # stricter problem: they are reported as feasible, with only the trivial bound.
+    stash = sum(node.stash for node in graph.nodes)
+    budget = int(budget_bytes) - int(graph.const_bytes) - stash
     if len(graph) == 0:
         return CheckmateResult(Schedule(()), 0.0, 0.0, "optimal", 0.0)
     if budget <= 0 or _cheap_infeasible(graph, budget):
+        if stash:
+            return CheckmateResult(None, None, total, "unknown", time.perf_counter() - start)
         return CheckmateResult(None, None, _INF, "infeasible", time.perf_counter() - start)
 
     model = _build_model(graph, float(budget), linearization)
@@ -430,6 +437,8 @@ def solve_checkmate_milp(
     deadline = start + float(time_limit_s)
 
     def result(schedule, cost, lb, status):
+        if stash and status in ("optimal", "infeasible"):
+            status, lb = ("feasible" if schedule is not None else "unknown"), total
         return CheckmateResult(
             schedule=schedule,
             cost=cost,

@@ -97,8 +97,8 @@ def solve_cpsat(
     n = len(graph)
     cap_bytes = budget_bytes - graph.const_bytes
     sizes = [node.bytes for node in graph.nodes]
-    transients = [node.transient for node in graph.nodes if node.transient]
-    unit = reduce(math.gcd, [s for s in sizes + transients if s] + [1 << 62]) or 1
+    extras = [x for node in graph.nodes for x in (node.transient, node.stash) if x]
+    unit = reduce(math.gcd, [s for s in sizes + extras if s] + [1 << 62]) or 1
     demand = [math.ceil(s / unit) for s in sizes]
     capacity = cap_bytes // unit
     if capacity < 0:
@@ -131,6 +131,9 @@ def solve_cpsat(
             if graph.nodes[v].transient:  # intermediates live only at the compute tick
                 mem_intervals.append(tick)
                 mem_demands.append(math.ceil(graph.nodes[v].transient / unit))
+            if k == 0 and graph.nodes[v].stash:  # from the first computation to the end
+                mem_intervals.append(m.NewIntervalVar(s, horizon - s, horizon, f"z{v}"))
+                mem_demands.append(math.ceil(graph.nodes[v].stash / unit))
             if k:
                 m.Add(s > ev[k - 1]).OnlyEnforceIf(p)  # copies do not overlap
                 if k >= 2:

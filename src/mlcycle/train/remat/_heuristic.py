@@ -132,6 +132,7 @@ def evict_schedule(
     uses: list[list[int]] = [sorted(s) for s in graph.succs]
     ptr = [0] * n  # uses[v][ptr[v]] is v's next reader at or after the current main step
     resident: set[int] = set()
+    computed = [False] * n
     live = 0
     ops: list[tuple[int, int]] = []
     step = 0
@@ -176,11 +177,13 @@ def evict_schedule(
         for p in graph.preds[v]:
             if p not in resident and not compute(p, pins):
                 return False
-        if not make_room(size[v] + nodes[v].transient, pins):
+        stash = 0 if computed[v] else nodes[v].stash  # first computation only, never freed
+        if not make_room(size[v] + stash + nodes[v].transient, pins):
             return False
         ops.append((COMPUTE, v))
         resident.add(v)
-        live += size[v]
+        computed[v] = True
+        live += size[v] + stash
         return True
 
     for v in range(n):

@@ -37,6 +37,9 @@ class Node:
         output: True when the output must stay resident until the step ends (a gradient).
         transient: extra bytes live only while the node computes (the intermediates inside a
             coarse node that are freed before it ends).
+        stash: bytes the node's *first* computation allocates that stay until the step ends and
+            are not part of ``bytes``: a parameter's gradient computed beside an input
+            gradient, or updated BatchNorm running statistics. A recomputation allocates none.
     """
 
     name: str
@@ -45,6 +48,7 @@ class Node:
     backward: bool = False
     output: bool = False
     transient: int = 0
+    stash: int = 0
 
 
 @dataclass
@@ -56,7 +60,8 @@ class Graph:
         preds: for each node, the indices of the nodes whose outputs it reads.
         name: a label for reports.
         const_bytes: memory that is resident for the whole step and not planned (parameters,
-            inputs, gradients accumulated outside the graph); added to every peak.
+            inputs, gradients accumulated outside the graph); added to every peak. Gradients
+            and statistics the graph itself produces are ``Node.stash`` instead.
         meta: free-form data, e.g. the captured fx graph and the fine-node groups that
             the executor needs. Planners never read it.
     """
@@ -148,6 +153,7 @@ class Graph:
                     backward=bool(n.get("backward", False)),
                     output=bool(n.get("output", False)),
                     transient=int(n.get("transient", 0)),
+                    stash=int(n.get("stash", 0)),
                 )
             )
         preds = [tuple(index[p] for p in preds_by_id[node_id]) for node_id in order]
@@ -170,6 +176,7 @@ class Graph:
                     "cost_ram": n.bytes,
                     **({"output": True} if n.output else {}),
                     **({"transient": n.transient} if n.transient else {}),
+                    **({"stash": n.stash} if n.stash else {}),
                 }
                 for i, n in enumerate(self.nodes)
             ],

@@ -68,7 +68,7 @@ def simulate(graph: Graph, schedule: Schedule, *, check_outputs: bool = True) ->
                     "is still resident; free it first."
                 )
             resident[v] = True
-            live += nbytes[v]
+            live += nbytes[v] + (0 if computed[v] else graph.nodes[v].stash)
             peak = max(peak, live + graph.nodes[v].transient)
             cost += graph.nodes[v].cost
             recomputes += computed[v]

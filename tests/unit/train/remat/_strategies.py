@@ -15,7 +15,11 @@ __all__ = ["chains", "training_graphs"]
 
 @st.composite
 def training_graphs(
-    draw: st.DrawFn, min_forward: int = 3, max_forward: int = 15, max_bytes: int = 100
+    draw: st.DrawFn,
+    min_forward: int = 3,
+    max_forward: int = 15,
+    max_bytes: int = 100,
+    stash: bool = False,
 ) -> Graph:
     """A random training graph: a forward DAG and its mirrored backward pass.
 
@@ -23,7 +27,8 @@ def training_graphs(
     order, each ``f_i`` (``i > 0``) reading one or two earlier forward nodes. Backward nodes
     follow in reverse forward order: the one for ``f_v`` reads ``f_v``, ``f_v``'s forward
     inputs and the backward nodes of ``f_v``'s forward consumers (the gradients flowing back).
-    Costs are in ``[1, 10]``, bytes in ``[1, max_bytes]``.
+    Costs are in ``[1, 10]``, bytes in ``[1, max_bytes]``. With ``stash``, backward nodes also
+    allocate ``[0, max_bytes]`` bytes that stay to the end (a parameter's gradient).
     """
     m = draw(st.integers(min_forward, max_forward))
     costs = st.floats(1.0, 10.0, allow_nan=False, allow_infinity=False)
@@ -45,7 +50,8 @@ def training_graphs(
     grad: dict[int, int] = {}
     for v in reversed(range(m)):
         grad[v] = len(nodes)
-        nodes.append(Node(f"b{v}", draw(costs), draw(sizes), backward=True))
+        extra = draw(st.integers(0, max_bytes)) if stash else 0
+        nodes.append(Node(f"b{v}", draw(costs), draw(sizes), backward=True, stash=extra))
         preds.append((v, *preds[v], *(grad[s] for s in consumers[v])))
     return Graph(nodes=nodes, preds=preds, name=f"random{m}")
 

@@ -41,6 +41,19 @@ def test_plan_is_valid_within_budget_and_beats_every_baseline(graph: Graph, t: f
 
 
 @settings(max_examples=25, deadline=None)
+@given(graph=training_graphs(max_forward=8, stash=True), t=st.floats(0.0, 1.0))
+def test_plans_with_stashed_gradients_are_valid_and_bounded(graph: Graph, t: float) -> None:
+    budget = _budget(graph, t)
+    try:
+        plan = solve(graph, budget_bytes=budget, time_limit_s=2)
+    except InfeasibleBudgetError:
+        assert not baseline_schedules(graph, budget)
+        return
+    assert simulate(graph, plan.schedule).peak_bytes <= budget
+    assert 1.0 <= plan.lower_bound <= plan.cost_ratio + 1e-9
+
+
+@settings(max_examples=25, deadline=None)
 @given(graph=training_graphs(max_forward=6), t=st.floats(0.0, 1.0))
 def test_cut_bound_never_exceeds_the_exact_optimum(graph: Graph, t: float) -> None:
     budget = _budget(graph, t)
@@ -112,3 +125,21 @@ def test_transient_bytes_count_only_while_a_node_computes() -> None:
         solve(graph, budget_bytes=least - 1)
     plan = solve(graph, budget_bytes=least)
     assert plan.peak_bytes <= least
+
+
+def test_stash_is_allocated_once_and_kept_to_the_end() -> None:
+    from mlcycle.train.remat._heuristic import evict_schedule
+    from mlcycle.train.remat.graph import Node, Schedule
+
+    # a -> b (backward, stashes 7 bytes: a weight gradient) -> c
+    nodes = [Node("a", 1.0, 10), Node("b", 1.0, 10, backward=True, stash=7), Node("c", 1.0, 10)]
+    graph = Graph(nodes=nodes, preds=[(), (0,), (1,)])
+    once = [(0, 0), (0, 1), (1, 0), (0, 2), (1, 1)]
+    assert simulate(graph, Schedule.from_ops(once)).peak_bytes == 10 + 10 + 7
+    # Recomputing b allocates no second stash: a, b, free b, b again, free a, c.
+    twice = [(0, 0), (0, 1), (1, 1), (0, 1), (1, 0), (0, 2), (1, 1)]
+    assert simulate(graph, Schedule.from_ops(twice)).peak_bytes == 27
+    assert min_feasible_bytes(graph) == 27  # at b: a, b and its stash; at c: b, stash, c
+    assert cut_knapsack_bound(graph, 26) == math.inf
+    assert evict_schedule(graph, 26) is None
+    assert simulate(graph, evict_schedule(graph, 27)).peak_bytes <= 27
