@@ -106,8 +106,10 @@ def test_summarize_counts_defaults_as_answered_but_not_as_goodput() -> None:
 
 
 def test_summarize_client_lag() -> None:
-    samples = [Sample(0.0, 0.004, 0.005, 200) for _ in range(10)]
-    assert loadgen.summarize(samples, slo_ms=10, span_s=1).client_lag_p99_ms == pytest.approx(4)
+    samples = [Sample(0.0, 0.004, 0.012, 200) for _ in range(10)]  # 4 ms late, 8 ms in flight
+    s = loadgen.summarize(samples, slo_ms=10, span_s=1)
+    assert s.client_lag_p99_ms == pytest.approx(4)
+    assert (s.within_slo, s.within_slo_from_send) == (0.0, 1.0)
 
 
 def _point(throughput: float, p99_ms: float, real: float) -> loadgen.LoadSummary:
