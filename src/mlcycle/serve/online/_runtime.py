@@ -229,20 +229,26 @@ class ModelRuntime:
     # ---- submitting ------------------------------------------------------------------------
 
     def predicted_finish(self, now: float) -> float:
-        """When a query queued now would be answered (loop time), from the latency fit."""
+        """When a query queued now would be answered (loop time), from the latency fit.
+
+        The batches ahead of it count at their mean latency, its own batch at the p99; an
+        idle replica with an empty queue always admits (so the fit keeps learning even after
+        a slow spell, and a model slower than the SLO still gets its chance).
+        """
         lat = self.latency
         live = [s for s in self._slots if not s.restarting]
         if not live:
             return math.inf
-        if lat.count == 0:
+        queue = self._queue
+        if lat.count == 0 or (not queue and any(s.busy_until == 0.0 for s in live)):
             return now
         r = len(live)
         bs = max(1, live[0].controller.batch_size(None))
-        q = len(self._queue) + 1
+        q = len(queue) + 1
         free_at = min(s.busy_until for s in live)
-        start = max(now, free_at)
+        start = now if free_at < now else free_at
         rounds = -(-q // (bs * r))  # ceil
-        return start + (rounds - 1) * lat.predict_s(bs) + lat.predict_s(min(q, bs))
+        return start + (rounds - 1) * lat.mean_s(bs) + lat.predict_s(min(q, bs))
 
     def submit(self, x: Any, deadline: float, digest: bytes | None = None) -> asyncio.Future[Any]:
         """Queue one input; the future resolves to the output or a :class:`_Reason`.

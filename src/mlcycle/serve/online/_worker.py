@@ -16,10 +16,13 @@ import signal
 import socket
 import struct
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
 BatchFn = Callable[[list[Any]], list[Any]]
+# Two threads importing torch at once can see it half-initialised; models load one at a time.
+LOAD_LOCK = threading.RLock()
 _HEADER = struct.Struct("!Q")  # frame length prefix on the worker socket
 
 
@@ -35,7 +38,8 @@ def resolve_factory(factory: str) -> Callable[..., Any]:
     """Import "package.module:attr" and return the attribute (it must be callable)."""
     module_name, _, attr = factory.partition(":")
     try:
-        obj: Any = importlib.import_module(module_name)
+        with LOAD_LOCK:
+            obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or the module raised while importing
         raise ModelLoadError(
             f"cannot import module {module_name!r} of factory {factory!r}: "
@@ -139,6 +143,13 @@ def load_model(
     Raises:
         ModelLoadError: the factory cannot be imported or called, or returns no model.
     """
+    with LOAD_LOCK:  # the factory may import torch or scikit-learn on first use
+        return _load(factory, args, method, threads)
+
+
+def _load(
+    factory: str, args: dict[str, Any] | None, method: str, threads: int | None
+) -> tuple[BatchFn, dict[str, Any]]:
     make = resolve_factory(factory)
     try:
         obj = make(**(args or {}))
@@ -186,16 +197,19 @@ def _recv_frame(sock: socket.socket) -> Any:
     return None if body is None else pickle.loads(body)
 
 
-def process_main(
-    sock: socket.socket, factory: str, args: dict[str, Any], method: str, threads: int | None
-) -> None:
+def process_main(sock: socket.socket) -> None:
     """A worker process: load the model, then answer batches until told to stop or EOF.
 
-    Messages in: ("batch", id, inputs) or ("stop",). Out: ("ready", meta) or ("error", msg)
-    once, then ("ok", id, outputs) or ("fail", id, msg) per batch. The parent's death closes
-    the socket, so an orphaned worker exits by itself.
+    Messages in: ("load", factory, args, method, threads) once, then ("batch", id, inputs) or
+    ("stop",). Out: ("ready", meta) or ("error", msg) once, then ("ok", id, outputs) or
+    ("fail", id, msg) per batch. The parent's death closes the socket, so an orphaned worker
+    exits by itself.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
+    first = _recv_frame(sock)
+    if first is None or first[0] != "load":
+        return
+    _, factory, args, method, threads = first
     try:
         fn, meta = load_model(factory, args, method, threads)
     except BaseException as exc:  # report any failure to load, then exit
@@ -236,3 +250,7 @@ class RayWorker:
         import os
 
         return os.getpid()
+
+
+if __name__ == "__main__":  # python -m mlcycle.serve.online._worker FD (see replicas.py)
+    process_main(socket.socket(fileno=int(sys.argv[1])))

@@ -138,6 +138,12 @@ class LatencyModel:
             return 0.0
         return self.a_s + self.b_s * batch_size + self.margin_s
 
+    def mean_s(self, batch_size: int) -> float:
+        """Predicted mean latency of a batch of ``batch_size`` (the fit without the margin)."""
+        if self.count == 0:
+            return 0.0
+        return self.a_s + self.b_s * batch_size
+
     def largest_fitting(self, remaining_s: float, max_batch_size: int) -> int:
         """The largest batch in ``[1, max_batch_size]`` whose predicted latency fits."""
         if self.count == 0:

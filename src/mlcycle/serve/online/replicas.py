@@ -13,8 +13,9 @@ Kinds:
 - :class:`ThreadReplica`: the model runs in a dedicated thread of the server process; the
   cheapest hop (no serialization). Good for models that release the GIL (torch, numpy) and for
   no-op models.
-- :class:`ProcessReplica`: a local worker process (multiprocessing "spawn" context), talking
-  over a socket pair with length-prefixed pickles, read by the event loop without a thread.
+- :class:`ProcessReplica`: a local worker process (a fresh interpreter, as with
+  multiprocessing's "spawn" start method), talking over a socket pair with length-prefixed
+  pickles, read by the event loop without a thread.
   CPU-bound Python models scale past the GIL with one process per replica. A worker that dies
   closes its socket, which fails its in-flight batch with :class:`ReplicaCrashed`; a worker
   whose server dies sees the socket close and exits.
@@ -34,6 +35,8 @@ import contextlib
 import os
 import queue
 import socket
+import subprocess
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -46,7 +49,6 @@ from mlcycle.serve.online._worker import (
     ModelLoadError,
     encode_frame,
     load_model,
-    process_main,
 )
 
 __all__ = [
@@ -228,7 +230,7 @@ class _FrameProtocol(asyncio.Protocol):
 
 
 class ProcessReplica(Replica):
-    """The model in a local worker process (spawn), over a socket pair read by the loop."""
+    """The model in a local worker process (a fresh interpreter), over a socket pair."""
 
     kind = "process"
 
@@ -245,28 +247,20 @@ class ProcessReplica(Replica):
         return self._proc.pid if self._proc is not None else None
 
     async def start(self) -> dict[str, Any]:
-        import multiprocessing
-
         loop = asyncio.get_running_loop()
         cfg = self.config
         parent_sock, child_sock = socket.socketpair()
-        ctx = multiprocessing.get_context("spawn")
-        proc = ctx.Process(
-            target=process_main,
-            args=(child_sock, cfg.factory, cfg.args, cfg.method, cfg.threads),
-            name=f"mlcycle-{cfg.name}-{self.index}",
-            daemon=True,
-        )
         self._ready = loop.create_future()
         self._pending = {}
         try:
-            await loop.run_in_executor(None, proc.start)
+            proc = await loop.run_in_executor(None, _spawn_worker, child_sock)
         finally:
             child_sock.close()  # the child has its own copy; ours would hide its death
         self._proc = proc
         parent_sock.setblocking(False)
         transport, _ = await loop.create_connection(lambda: _FrameProtocol(self), sock=parent_sock)
         self._transport = transport  # type: ignore[assignment]
+        transport.write(encode_frame(("load", cfg.factory, cfg.args, cfg.method, cfg.threads)))
         try:
             self.meta = await asyncio.wait_for(asyncio.shield(self._ready), LOAD_TIMEOUT_S)
         except (TimeoutError, ModelLoadError):
@@ -292,7 +286,7 @@ class ProcessReplica(Replica):
 
     def _on_lost(self) -> None:
         was_alive, self.alive = self.alive, False
-        code = self._proc.exitcode if self._proc is not None else None
+        code = self._proc.poll() if self._proc is not None else None
         why = f"worker process {self.pid} of {self.config.key} exited (code {code})"
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(ModelLoadError(f"{why} while loading the model"))
@@ -326,14 +320,36 @@ class ProcessReplica(Replica):
             await asyncio.get_running_loop().run_in_executor(None, _reap, proc)
 
 
-def _reap(proc: Any, grace_s: float = 2.0) -> None:
-    proc.join(grace_s)
-    if proc.is_alive():
+def _spawn_worker(child_sock: socket.socket) -> subprocess.Popen[bytes]:
+    """A fresh interpreter running :func:`~mlcycle.serve.online._worker.process_main`.
+
+    Like multiprocessing's "spawn" start method (nothing is inherited but the socket), but it
+    never re-runs the parent's ``__main__``, so a server started from a plain script works
+    without an ``if __name__ == "__main__"`` guard. The parent's ``sys.path`` is passed on, so
+    any factory the parent can import, the worker can too.
+    """
+    fd = child_sock.fileno()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlcycle.serve.online._worker", str(fd)],
+        pass_fds=[fd],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def _reap(proc: subprocess.Popen[bytes], grace_s: float = 2.0) -> None:
+    try:
+        proc.wait(grace_s)
+        return
+    except subprocess.TimeoutExpired:
         proc.terminate()
-        proc.join(grace_s)
-    if proc.is_alive():
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
         proc.kill()
-        proc.join(grace_s)
+        proc.wait(grace_s)
 
 
 _ray_lock = threading.Lock()
