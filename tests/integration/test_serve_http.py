@@ -21,6 +21,9 @@ CONFIG = {
     "models": [
         {"name": "echo", "factory": f"{EX}:noop", "input_shape": [4]},
         {"name": "anyecho", "factory": f"{EX}:noop"},
+        {"name": "b_aimd", "factory": f"{EX}:noop", "batching": {"policy": "aimd"}},
+        {"name": "b_none", "factory": f"{EX}:noop", "batching": {"policy": "none"}},
+        {"name": "b_wait", "factory": f"{EX}:noop", "batching": {"policy": "fixed", "wait_ms": 20}},
         {"name": "picky", "factory": f"{EX}:failing", "args": {"bad": "bad"}},
         {"name": "right", "factory": f"{EX}:constant", "args": {"scores": [0.1, 0.9]}},
         {"name": "wrong", "factory": f"{EX}:constant", "args": {"scores": [0.8, 0.2]}},
@@ -34,6 +37,9 @@ CONFIG = {
     ],
     "apps": [
         {"name": "echo", "slo_ms": 100, "models": ["echo"], "cache": False},
+        {"name": "b_aimd", "slo_ms": 100, "models": ["b_aimd"], "cache": False},
+        {"name": "b_none", "slo_ms": 100, "models": ["b_none"], "cache": False},
+        {"name": "b_wait", "slo_ms": 100, "models": ["b_wait"], "cache": False},
         {"name": "any", "slo_ms": 100, "models": ["anyecho"]},
         {"name": "picky", "slo_ms": 200, "models": ["picky"], "cache": False},
         {
@@ -297,6 +303,26 @@ def test_cascade_defers_below_threshold(client) -> None:
     r = client.post("/cascade/predict", json={"input": 1}).json()
     assert r["model"] == "right:1" and r["output"] == [0.1, 0.9]
     assert r["confidence"] == pytest.approx(0.9)
+
+
+# ---- batching at low load ----------------------------------------------------------------------
+
+
+def test_batching_adds_under_a_millisecond_at_low_load(client) -> None:
+    """One query at a time: AIMD and even a 20 ms delayed-batching wait cost < 1 ms at p50."""
+
+    def p50_ms(app: str) -> float:
+        ms = sorted(
+            client.post(f"/{app}/predict", json={"input": [i]}).json()["latency_ms"]
+            for i in range(60)
+        )
+        return ms[len(ms) // 2]
+
+    for _ in range(2):  # warm all three
+        p50_ms("b_none"), p50_ms("b_aimd"), p50_ms("b_wait")
+    none, aimd, wait = p50_ms("b_none"), p50_ms("b_aimd"), p50_ms("b_wait")
+    assert aimd - none <= 1.0, (none, aimd)
+    assert wait - none <= 1.0, (none, wait)  # waits stop paying off, so they stop
 
 
 # ---- the SLO under overload --------------------------------------------------------------------
