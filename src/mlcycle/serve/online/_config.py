@@ -284,6 +284,11 @@ class ServerConfig:
     ray_num_cpus: int | None = None  # CPUs for a local Ray (default: Ray's own)
     admin_token: str | None = None  # when set, /admin needs "Authorization: Bearer <token>"
     allowed_factories: list[str] | None = None  # module prefixes the admin API may load
+    # Python's GIL switch interval while `run()` serves (None: leave Python's 5 ms). Short
+    # intervals keep a thread replica's model from waiting ~5 ms for the GIL at each op while
+    # the event loop is busy (the convoy effect); measured here, the fitted p99 margin of MLP
+    # batches fell from ~12 ms to 1-6 ms at 0.5 ms.
+    switch_interval_ms: float | None = 0.5
 
     def factory_allowed(self, factory: str) -> bool:
         """Whether the admin API may deploy ``factory`` (config-file models always may)."""
@@ -309,6 +314,7 @@ class ServerConfig:
             "ray_num_cpus",
             "admin_token",
             "allowed_factories",
+            "switch_interval_ms",
         }
         d = _fields(data, "server config", allowed, set())
         models_raw = d.get("models", [])
@@ -345,6 +351,9 @@ class ServerConfig:
             raise ConfigError(
                 "allowed_factories must be a list of module prefixes, e.g. ['mlcycle', 'myapp']"
             )
+        switch = d.get("switch_interval_ms", 0.5)
+        if switch is not None:
+            switch = _num(switch, "switch_interval_ms", 0.01, 100.0)
         ray_cpus = d.get("ray_num_cpus")
         if ray_cpus is not None:
             ray_cpus = _int(ray_cpus, "ray_num_cpus", 1, 4096)
@@ -361,6 +370,7 @@ class ServerConfig:
             ray_num_cpus=ray_cpus,
             admin_token=token,
             allowed_factories=prefixes,
+            switch_interval_ms=switch,
         )
 
     @classmethod

@@ -457,9 +457,13 @@ class Server:
             port: port to bind; 0 picks a free one (default: the config's, 8000).
             announce: print "mlcycle serve: listening on URL" once the models are up.
         """
+        import sys
+
         sock = bind_socket(host or self.config.host, self.config.port if port is None else port)
         self.url = _url(sock)
         self._announce = announce
+        if self.config.switch_interval_ms is not None:  # this process is the server's own
+            sys.setswitchinterval(self.config.switch_interval_ms / 1e3)
         self._uvicorn().run(sockets=[sock])
 
 
