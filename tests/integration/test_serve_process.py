@@ -43,7 +43,10 @@ def test_killed_worker_is_restarted_and_every_query_is_answered() -> None:
                     asyncio.create_task(ac.post("/slow/predict", json={"input": i}))
                     for i in range(40)
                 ]
-                await asyncio.sleep(0.1)  # batches are in flight and queued
+                for _ in range(200):  # until batches are in flight and queued
+                    await asyncio.sleep(0.01)
+                    if (await ac.get("/admin/models/slow")).json()["queue_length"] >= 8:
+                        break
                 os.kill(before["pid"], signal.SIGKILL)
                 return await asyncio.gather(*tasks)
 

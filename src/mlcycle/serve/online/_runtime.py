@@ -239,8 +239,8 @@ class ModelRuntime:
         """
         lat = self.latency
         live = [s for s in self._slots if not s.restarting]
-        if not live:
-            return math.inf
+        if not live:  # restarting: queue it, the deadline timer guards; no replicas: refuse
+            return now if self._slots else math.inf
         queue = self._queue
         if lat.count == 0 or (not queue and any(s.busy_until == 0.0 for s in live)):
             return now
