@@ -51,12 +51,18 @@ _EXPORTS = {
     "IDKCascade": "cascade",
 }
 
+_SUBMODULES = frozenset(
+    {"batching", "cache", "cascade", "examples", "loadgen", "replicas", "selection", "server"}
+)
+
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        if name in _SUBMODULES:
+            return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
