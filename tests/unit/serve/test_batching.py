@@ -57,13 +57,22 @@ def test_latency_model_fits_a_line_and_picks_the_largest_batch_that_fits() -> No
 
 def test_latency_model_adds_the_tail_of_the_residuals() -> None:
     model = LatencyModel(quantile=0.9)
-    for i in range(100):
-        model.observe(8, 0.004 + (0.002 if i % 10 == 0 else 0.0))  # 10% slow batches
+    for i in range(200):
+        model.observe(8, 0.004 + (0.002 if i % 20 == 0 else 0.0))  # 5% slow batches
     assert model.predict_s(8) >= 0.004
     slow = LatencyModel(quantile=0.99)
+    for i in range(200):
+        slow.observe(8, 0.004 + (0.002 if i % 20 == 0 else 0.0))
+    assert slow.predict_s(8) > model.predict_s(8) + 0.001  # p99 covers the slow batches
+
+
+def test_running_sums_match_an_exact_refit_after_the_window_wraps() -> None:
+    model = LatencyModel(window=16, refit_every=1000)
     for i in range(100):
-        slow.observe(8, 0.004 + (0.002 if i % 10 == 0 else 0.0))
-    assert slow.predict_s(8) > model.predict_s(8)  # p99 covers the slow batches
+        model.observe(1 + i % 7, 0.001 + 0.0002 * (1 + i % 7) + 1e-5 * (i % 3))
+    a, b = model.a_s, model.b_s
+    model._refit()
+    assert (a, b) == pytest.approx((model.a_s, model.b_s), rel=1e-9, abs=1e-12)
 
 
 def test_latency_model_before_and_after_one_size() -> None:

@@ -238,18 +238,27 @@ class ModelRuntime:
         a slow spell, and a model slower than the SLO still gets its chance).
         """
         lat = self.latency
-        live = [s for s in self._slots if not s.restarting]
+        queue = self._queue
+        live = 0
+        idle = False
+        free_at = math.inf
+        for slot in self._slots:
+            if slot.restarting:
+                continue
+            live += 1
+            busy_until = slot.busy_until
+            if busy_until == 0.0:
+                idle = True
+            elif busy_until < free_at:
+                free_at = busy_until
         if not live:  # restarting: queue it, the deadline timer guards; no replicas: refuse
             return now if self._slots else math.inf
-        queue = self._queue
-        if lat.count == 0 or (not queue and any(s.busy_until == 0.0 for s in live)):
+        if lat.count == 0 or (idle and not queue):
             return now
-        r = len(live)
-        bs = max(1, live[0].controller.batch_size(None))
+        bs = max(1, self._slots[0].controller.batch_size(None))
         q = len(queue) + 1
-        free_at = min(s.busy_until for s in live)
-        start = now if free_at < now else free_at
-        rounds = -(-q // (bs * r))  # ceil
+        start = now if idle or free_at < now else free_at
+        rounds = -(-q // (bs * live))  # ceil
         return start + (rounds - 1) * lat.mean_s(bs) + lat.predict_s(min(q, bs))
 
     def submit(self, x: Any, deadline: float, digest: bytes | None = None) -> asyncio.Future[Any]:

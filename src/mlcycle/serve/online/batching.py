@@ -70,13 +70,17 @@ class LatencyModel:
     distinct batch size seen, the fit assumes latency proportional to size (no fixed cost),
     which over-estimates larger batches and so errs on the safe side until they are observed.
 
+    The line is refitted after every batch from running sums (O(1)); the residual quantile,
+    which needs a sort, every ``refit_every`` batches, when the sums are also recomputed
+    exactly so that float error cannot build up.
+
     Args:
         window: how many recent batches the fit uses.
         quantile: the residual quantile added to the mean fit, in (0, 1).
-        refit_every: refit after this many new observations (fitting is O(window)).
+        refit_every: recompute the residual quantile after this many new batches.
     """
 
-    def __init__(self, window: int = 256, quantile: float = 0.99, refit_every: int = 8) -> None:
+    def __init__(self, window: int = 256, quantile: float = 0.99, refit_every: int = 32) -> None:
         if window < 2:
             raise ValueError(f"window must be >= 2 batches, got {window}")
         if not 0.0 < quantile < 1.0:
@@ -88,6 +92,7 @@ class LatencyModel:
         self._lat: list[float] = []
         self._next = 0  # ring-buffer position once the window is full
         self._dirty = 0
+        self._sums = [0.0, 0.0, 0.0, 0.0]  # sum n, sum latency, sum n^2, sum n * latency
         self.count = 0
         self.a_s = 0.0  # fixed cost per batch
         self.b_s = 0.0  # cost per query in the batch
@@ -95,42 +100,66 @@ class LatencyModel:
 
     def observe(self, batch_size: int, latency_s: float) -> None:
         """Add one measured batch."""
+        sums = self._sums
         if len(self._n) < self.window:
             self._n.append(batch_size)
             self._lat.append(latency_s)
         else:
-            self._n[self._next] = batch_size
-            self._lat[self._next] = latency_s
-            self._next = (self._next + 1) % self.window
+            i = self._next
+            old_n, old_l = self._n[i], self._lat[i]
+            sums[0] -= old_n
+            sums[1] -= old_l
+            sums[2] -= old_n * old_n
+            sums[3] -= old_n * old_l
+            self._n[i] = batch_size
+            self._lat[i] = latency_s
+            self._next = (i + 1) % self.window
+        sums[0] += batch_size
+        sums[1] += latency_s
+        sums[2] += batch_size * batch_size
+        sums[3] += batch_size * latency_s
         self.count += 1
         self._dirty += 1
-        if self.count <= 4 or self._dirty >= self.refit_every:
-            self._fit()
+        if self.count <= 8 or self._dirty >= self.refit_every:
+            self._refit()
+        else:
+            self._line()
 
     @property
     def fitted(self) -> bool:
         """Whether at least one batch was observed."""
         return self.count > 0
 
-    def _fit(self) -> None:
+    def _line(self) -> None:
+        """Least squares from the running sums."""
+        k = len(self._n)
+        sn, sl, snn, snl = self._sums
+        var_n = snn - sn * sn / k
+        if var_n <= 1e-9 * max(snn, 1.0):  # one batch size seen: latency proportional to size
+            a, b = 0.0, sl / max(sn, 1.0)
+        else:
+            b = max((snl - sn * sl / k) / var_n, 0.0)
+            a = (sl - b * sn) / k
+            if a < 0.0:  # a negative fixed cost is noise; fit through the origin
+                a, b = 0.0, snl / snn
+        self.a_s, self.b_s = a, b
+
+    def _refit(self) -> None:
+        """Exact sums, the line, and the residual quantile (a sort of the window)."""
         self._dirty = 0
         ns, ls = self._n, self._lat
-        k = len(ns)
-        mean_n = sum(ns) / k
-        mean_l = sum(ls) / k
-        var_n = sum((x - mean_n) ** 2 for x in ns)
-        if var_n <= 1e-12:  # one batch size seen: latency proportional to size
-            a, b = 0.0, mean_l / max(mean_n, 1.0)
-        else:
-            cov = sum((x - mean_n) * (y - mean_l) for x, y in zip(ns, ls, strict=True))
-            b = max(cov / var_n, 0.0)
-            a = mean_l - b * mean_n
-            if a < 0.0:  # a negative fixed cost is noise; refit through the origin
-                a = 0.0
-                b = sum(x * y for x, y in zip(ns, ls, strict=True)) / sum(x * x for x in ns)
+        self._sums = [
+            float(sum(ns)),
+            sum(ls),
+            float(sum(x * x for x in ns)),
+            sum(x * y for x, y in zip(ns, ls, strict=True)),
+        ]
+        self._line()
+        a, b = self.a_s, self.b_s
         residuals = sorted(y - (a + b * x) for x, y in zip(ns, ls, strict=True))
+        k = len(ns)
         idx = min(k - 1, int(math.ceil(self.quantile * k)) - 1)
-        self.a_s, self.b_s, self.margin_s = a, b, max(residuals[max(idx, 0)], 0.0)
+        self.margin_s = max(residuals[max(idx, 0)], 0.0)
 
     def predict_s(self, batch_size: int) -> float:
         """Predicted tail latency of a batch of ``batch_size`` (0.0 before any observation)."""

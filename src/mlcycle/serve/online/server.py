@@ -444,6 +444,8 @@ class Server:
                 http="httptools" if has("httptools") else "h11",
                 lifespan="on",
                 access_log=False,
+                proxy_headers=False,  # no X-Forwarded-* rewriting layer per request
+                server_header=False,
                 log_level=log_level,
                 timeout_graceful_shutdown=5,
             )
