@@ -85,3 +85,25 @@ def test_a_bad_input_fails_alone_and_batches_adapt() -> None:
         await rt.stop()
 
     asyncio.run(main())
+
+
+def test_a_saved_scikit_learn_model_is_served_from_its_file(tmp_path) -> None:
+    import pickle
+
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    path = tmp_path / "iris.pkl"
+    path.write_bytes(pickle.dumps(LogisticRegression(max_iter=500).fit(x, y)))
+
+    async def main() -> None:
+        rt = runtime("from_file", args={"path": str(path)})
+        await rt.start()
+        assert rt.input_shape == [4]  # from n_features_in_
+        loop = asyncio.get_running_loop()
+        out = await rt.submit(x[0].tolist(), loop.time() + 5.0)
+        assert len(out) == 3 and max(range(3), key=out.__getitem__) == y[0]  # predict_proba
+        await rt.stop()
+
+    asyncio.run(main())

@@ -5,6 +5,9 @@
   Linear(1024, 10) with a softmax, one torch thread, the model of the serving peers' table.
 - ``mlcycle.serve.online.examples:wide_mlp``: the same with 4096 hidden units. At batch 1 a
   call streams 72 MB of weights for ~36 MFLOP; a batch reuses them, so batching pays off more.
+- ``from_file``: a model saved earlier (a pickled scikit-learn estimator or callable, or a
+  whole torch module saved with ``torch.save``), e.g. one the demo trained. Only load files you
+  trust: unpickling runs code.
 - ``sleepy``: sleeps ``base_ms + per_item_ms * len(batch)`` and echoes (a slow model for SLO
   tests), ``constant``: returns fixed class scores (for selection and cascade tests), and
   ``failing``: raises on inputs marked bad.
@@ -18,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["constant", "failing", "mlp", "noop", "sleepy", "wide_mlp"]
+__all__ = ["constant", "failing", "from_file", "mlp", "noop", "sleepy", "wide_mlp"]
 
 
 def noop() -> Callable[[list[Any]], list[Any]]:
@@ -64,6 +67,27 @@ def mlp(
 def wide_mlp(in_features: int = 256, hidden: int = 4096, classes: int = 10, seed: int = 0) -> Any:
     """:func:`mlp` with 4096 hidden units, where batching pays off more."""
     return mlp(in_features=in_features, hidden=hidden, classes=classes, seed=seed)
+
+
+def from_file(path: str) -> Any:
+    """Load a model saved earlier: ``.pt``/``.pth`` with ``torch.load``, anything else with pickle.
+
+    Args:
+        path: the file; a torch module must have been saved whole (``torch.save(module, path)``).
+    """
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no model file at {str(file)!r}; save one first, or fix 'path'")
+    if file.suffix in (".pt", ".pth"):
+        import torch
+
+        return torch.load(file, weights_only=False)
+    import pickle
+
+    with file.open("rb") as f:
+        return pickle.load(f)
 
 
 def sleepy(
