@@ -47,7 +47,8 @@ SUPPORTED_BITS = (1, 2, 4, 8)
 META_BYTES_PER_GROUP = 4  # a float16 scale and a float16 zero point
 DEFAULT_GROUP_SIZE = 256
 DEFAULT_MIN_NUMEL = 1024
-CHUNK_VALUES = 2**17  # values packed or unpacked at a time: bounds the temporaries (~1 MiB)
+CHUNK_VALUES = 2**17  # at most this many values (or 1/8 of the tensor) are packed at a time
+MIN_CHUNK_VALUES = 2**12
 _F16_MAX = 65504.0
 _F16_TINY = 6.2e-5  # smallest normal float16: smaller steps keep float32 metadata
 
@@ -206,7 +207,7 @@ def pack(
     inv_step = torch.where(s > 0, 1.0 / s.float(), torch.zeros_like(zf))
     bytes_per_group = group_size * bits // 8
     payload = torch.empty(lo.shape[0] * bytes_per_group, dtype=torch.uint8, device=x.device)
-    chunk = max(1, CHUNK_VALUES // group_size)
+    chunk = _chunk_groups(numel, group_size)
     g0 = 0
     for part in parts:
         for start in range(0, part.shape[0], chunk):
@@ -242,7 +243,7 @@ def unpack(p: PackedTensor) -> Tensor:
     n_groups = p.scale.shape[0]
     group_size = p.payload.numel() * 8 // p.bits // n_groups
     bytes_per_group = group_size * p.bits // 8
-    chunk = max(1, CHUNK_VALUES // group_size)
+    chunk = _chunk_groups(p.numel, group_size)
     scale, zero = p.scale.float(), p.zero.float()
     for g0 in range(0, n_groups, chunk):
         g1 = min(n_groups, g0 + chunk)
@@ -255,6 +256,13 @@ def unpack(p: PackedTensor) -> Tensor:
         stop = min(p.numel, g1 * group_size)
         out[g0 * group_size : stop] = vals.view(-1)[: stop - g0 * group_size]
     return out.reshape(p.shape)
+
+
+def _chunk_groups(numel: int, group_size: int) -> int:
+    """Groups handled at a time: about 1/8 of the tensor, within [4K, 128K] values. The
+    temporaries of a chunk (~9 bytes per value) stay small beside the tensor itself."""
+    values = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, numel // 8))
+    return max(1, values // group_size)
 
 
 def _pack_bits(q: Tensor, bits: int) -> Tensor:
