@@ -87,6 +87,7 @@ def test_a_bad_input_fails_alone_and_batches_adapt() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow  # importing scikit-learn takes seconds here
 def test_a_saved_scikit_learn_model_is_served_from_its_file(tmp_path) -> None:
     import pickle
 
