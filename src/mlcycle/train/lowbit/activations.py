@@ -25,6 +25,7 @@ tensors and the bytes the hooks store, every scale, zero point and kept tensor i
 
 from __future__ import annotations
 
+import itertools
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ DEFAULT_GROUP_SIZE = 256
 DEFAULT_MIN_NUMEL = 1024
 CHUNK_VALUES = 2**17  # at most this many values (or 1/8 of the tensor) are packed at a time
 MIN_CHUNK_VALUES = 2**12
+_CONTEXTS = itertools.count()  # numbers each context's own rounding seed
 _F16_MAX = 65504.0
 _F16_TINY = 6.2e-5  # smallest normal float16: smaller steps keep float32 metadata
 
@@ -369,6 +371,10 @@ class CompressedActivations:
         self.min_numel = min_numel
         self.stochastic = stochastic
         self.generator = generator
+        # Own generators (one per device), seeded from the global seed without drawing from the
+        # global stream: compressing must not change the dropout masks the model draws.
+        self._seed = (torch.initial_seed() * 1_000_003 + next(_CONTEXTS)) % (2**63)
+        self._generators: dict[torch.device, torch.Generator] = {}
         self.stats = ActivationStats()
         self._param_storages: set[int] = set()
         if module is not None:
@@ -378,6 +384,16 @@ class CompressedActivations:
         self._cache: dict[tuple[Any, ...], tuple[Any, int, Any]] = {}
         self._storage_bytes: dict[int, tuple[Any, int, int]] = {}
         self._hooks: Any = None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is not None:
+            return self.generator
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self._seed)
+            self._generators[device] = gen
+        return gen
 
     # -- parameters -------------------------------------------------------------------------
     def _is_parameter(self, t: Tensor) -> bool:
@@ -434,7 +450,7 @@ class CompressedActivations:
                 self.bits,
                 group_size=self.group_size,
                 stochastic=self.stochastic,
-                generator=self.generator,
+                generator=self._generator(t.device),
             )
             self.stats.compressed += 1
             self.stats.stored_bytes += data.nbytes
@@ -495,7 +511,10 @@ def compress_activations(
         module: the model, so that its parameters and buffers are never compressed; without
             it, leaf tensors that require grad (and their views) are taken for parameters.
         stochastic: stochastic rounding (unbiased gradients); False rounds to nearest.
-        generator: random generator for the rounding; the global one when None.
+        generator: random generator for the rounding. When None, the context seeds its own
+            (from ``torch.initial_seed()`` and a counter, so runs are reproducible) and never
+            draws from the global generator: dropout masks are the same with and without
+            compression.
 
     Returns:
         A context manager; ``with compress_activations(2) as stats:`` binds the

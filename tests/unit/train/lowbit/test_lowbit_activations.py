@@ -131,6 +131,20 @@ def test_forward_is_exact_and_gradients_are_close_for_any_module() -> None:
     assert stats.parameters > 0
 
 
+def test_compression_draws_nothing_from_the_global_generator() -> None:
+    """Dropout masks (and every later random draw) are the same with and without it."""
+    model = nn.Sequential(nn.Linear(32, 256), nn.Dropout(0.5), nn.ReLU(), nn.Linear(256, 8))
+    x = torch.randn(16, 32)
+    torch.manual_seed(7)
+    ref = model(x)
+    ref_next = torch.rand(3)
+    torch.manual_seed(7)
+    with compress_activations(2, module=model) as stats:
+        out = model(x)
+    assert stats.compressed > 0
+    assert torch.equal(out, ref) and torch.equal(torch.rand(3), ref_next)
+
+
 def _gradients(stochastic: bool, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` flattened gradients with 2-bit activations, stacked, and the exact gradient."""
     torch.manual_seed(0)
