@@ -5,8 +5,10 @@ queries within the SLO per second; under bursty load (gamma, CV 4) >= 99% of que
 answer or the marked default within the SLO.
 
 What runs. Every server is its own process group pinned to core 0; this script, which is also
-the load generator (``mlcycle.serve.online.loadgen``: aiohttp on uvloop), pins itself to core 1,
-as the anchors in ``shared/anchors/serve_peers_2026-11-27.md`` did. One worker or replica each:
+the load generator (``mlcycle.serve.online.loadgen``: a minimal keep-alive HTTP/1.1 client on
+uvloop, ~0.05 ms of client CPU per query; ``--client aiohttp`` to cross-check), pins itself to
+core 1, as the anchors in ``shared/anchors/serve_peers_2026-11-27.md`` did (they used aiohttp).
+One worker or replica each:
 
 - ``mlcycle``: ``mlcycle serve start --config FILE`` with apps ``noop`` (no batching),
   ``noop_aimd``, ``mlp`` (adaptive AIMD batching, max batch 64) and ``mlp_nb`` (no batching),
@@ -428,6 +430,7 @@ class Bench:
             seconds,
             warmup_s=self.plan.warmup_s if warmup_s is None else warmup_s,
             timeout_s=self.args.timeout_s,
+            client=self.args.client,
         )
         stats = loadgen.summarize(samples, slo_ms=self.slo_ms, span_s=span, concurrency=concurrency)
         row = Row(server, model, setup, f"c={concurrency}", stats)
@@ -457,7 +460,12 @@ class Bench:
             label = f"gamma cv{self.args.burst_cv:g} {rate_rps:.0f}/s"
         before = self._batches(server, url)
         samples, window = loadgen.open_loop(
-            url, self.bodies, arrivals, timeout_s=self.args.timeout_s, drain_s=self.plan.drain_s
+            url,
+            self.bodies,
+            arrivals,
+            timeout_s=self.args.timeout_s,
+            drain_s=self.plan.drain_s,
+            client=self.args.client,
         )
         stats = loadgen.summarize(
             samples, slo_ms=self.slo_ms, span_s=window, offered_rps=len(arrivals) / window
@@ -474,7 +482,8 @@ class Bench:
         return row
 
     def warm(self, url: str) -> None:
-        loadgen.closed_loop(url, self.bodies, 8, 0.3 if self.plan.quick else 1.0)
+        seconds = 0.3 if self.plan.quick else 1.0
+        loadgen.closed_loop(url, self.bodies, 8, seconds, client=self.args.client)
 
     def overhead_rounds(self, bare_url: str, ours: dict[str, str]) -> dict[str, float]:
         """Alternate 1-client rounds on the bare no-op and each of ``ours`` (name -> url);
@@ -501,6 +510,52 @@ def check_same(bench: Bench, name: str, server: ServerProcess, reference: Any) -
     diff = max_abs_diff(got, reference)
     if diff > 1e-5:
         bench.note(f"{name}'s MLP answers differ from the bare server's (max |diff| {diff:.3g})")
+
+
+def run_peer(
+    bench: Bench,
+    kind: str,
+    model: str,
+    setup: str,
+    kw: dict[str, Any],
+    reference: Any,
+    rate: float,
+    ref_peak: float,
+) -> Row | None:
+    """Start one peer set-up alone on the server core, run its points, stop it. Returns its
+    Poisson row at the reference rate (MLP only; measured first, on a settled server)."""
+    plan, hidden = bench.plan, bench.args.mlp_hidden
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/predict"
+    cmd = peer_command(kind, model, port, hidden=hidden, **kw)
+    server = bench.start(f"{kind}-{model}", cmd, url)
+    try:
+        if not bench.ready(server, 180 if kind == "ray" else 120):
+            return None
+        if model == "mlp":
+            check_same(bench, kind, server, reference)
+        bench.warm(url)
+        for c in (1, 32) if model == "mlp" or kind != "ray" else (1,):
+            bench.closed(kind, model, setup, url, c, plan.point_s)
+        if model != "mlp":
+            return None
+        jobs: list[tuple[float, str, str]] = [(rate, "poisson", "reference")]
+        if not plan.quick:
+            jobs.append((rate, "gamma", "burst"))
+            jobs += [
+                (f * ref_peak, "poisson", "")
+                for f in plan.peer_offered_fractions
+                if f != bench.args.load_fraction
+            ]
+        rows = []
+        for j, (rps, pattern, role) in enumerate(jobs):
+            if j > 1 and bench.over_budget():
+                break
+            last = j == len(jobs) - 1
+            rows.append(bench.open(kind, model, setup, url, rps, pattern, role, not last))
+        return rows[0]
+    finally:
+        bench.stop(server)
 
 
 def run(bench: Bench) -> dict[str, Any]:
@@ -652,85 +707,30 @@ def run(bench: Bench) -> dict[str, Any]:
         for server in servers:
             bench.stop(server)
 
-    # ---------------- phase 2: LitServe, alone on core 0
+    # ---------------- phases 2 and 3: LitServe, then Ray Serve, each alone on core 0
     lit_setups: list[tuple[str, str, dict[str, Any]]] = [
         ("mlp", "batch 16 / 5 ms", {"max_batch_size": 16, "batch_timeout_s": 0.005})
     ]
-    if plan.extra_peers:
-        lit_setups += [("mlp", "unbatched", {}), ("noop", "unbatched", {})]
-    lit_goodput: list[float] = []
-    if "litserve" in wanted:
-        for i, (model, setup, kw) in enumerate(lit_setups):
-            if i and bench.over_budget():
-                bench.note(f"litserve {model} {setup} skipped (time budget)")
-                continue
-            p = free_port()
-            url = f"http://127.0.0.1:{p}/predict"
-            server = bench.start(
-                f"litserve-{model}", peer_command("litserve", model, p, hidden=hidden, **kw), url
-            )
-            try:
-                if not bench.ready(server, 120):
-                    continue
-                if model == "mlp":
-                    check_same(bench, "litserve", server, reference)
-                bench.warm(url)
-                for c in (1, 32):
-                    bench.closed("litserve", model, setup, url, c, plan.point_s)
-                if model != "mlp":
-                    continue
-                if not plan.quick:
-                    bench.open("litserve", model, setup, url, rate, "gamma", "burst")
-                    for fraction in plan.peer_offered_fractions:
-                        if fraction != args.load_fraction and not bench.over_budget():
-                            bench.open(
-                                "litserve", model, setup, url, fraction * ref_peak, "poisson"
-                            )
-                row = bench.open(
-                    "litserve", model, setup, url, rate, "poisson", "reference", settle_after=False
-                )
-                lit_goodput.append(row.stats.goodput_rps)
-                if row.stats.goodput_rps >= max(lit_goodput):
-                    poisson["litserve"] = row
-            finally:
-                bench.stop(server)
-
-    # ---------------- phase 3: Ray Serve, alone on core 0
     ray_setups: list[tuple[str, str, dict[str, Any]]] = [
         ("mlp", "batch (10, 10 ms), cap 64", {"batch": True})
     ]
     if plan.extra_peers:
+        lit_setups += [("mlp", "unbatched", {}), ("noop", "unbatched", {})]
         ray_setups.append(("noop", "unbatched, cap 5", {}))
-    ray_goodput: list[float] = []
-    if "ray" in wanted:
-        for i, (model, setup, kw) in enumerate(ray_setups):
+    peer_goodput: dict[str, list[float]] = {"litserve": [], "ray": []}
+    for kind, setups in (("litserve", lit_setups), ("ray", ray_setups)):
+        if kind not in wanted:
+            continue
+        for i, (model, setup, kw) in enumerate(setups):
             if i and bench.over_budget():
-                bench.note(f"ray {model} {setup} skipped (time budget)")
+                bench.note(f"{kind} {model} {setup} skipped (time budget)")
                 continue
-            p = free_port()
-            url = f"http://127.0.0.1:{p}/predict"
-            server = bench.start(
-                f"ray-{model}", peer_command("ray", model, p, hidden=hidden, **kw), url
-            )
-            try:
-                if not bench.ready(server, 180):
-                    continue
-                if model == "mlp":
-                    check_same(bench, "ray", server, reference)
-                bench.warm(url)
-                for c in (1, 32) if model == "mlp" else (1,):
-                    bench.closed("ray", model, setup, url, c, plan.point_s)
-                if model != "mlp":
-                    continue
-                if not plan.quick:
-                    bench.open("ray", model, setup, url, rate, "gamma", "burst")
-                row = bench.open(
-                    "ray", model, setup, url, rate, "poisson", "reference", settle_after=False
-                )
-                ray_goodput.append(row.stats.goodput_rps)
-                poisson["ray"] = row
-            finally:
-                bench.stop(server)
+            row = run_peer(bench, kind, model, setup, kw, reference, rate, ref_peak)
+            if row is not None:
+                peer_goodput[kind].append(row.stats.goodput_rps)
+                if row.stats.goodput_rps >= max(peer_goodput[kind]):
+                    poisson[kind] = row
+    lit_goodput, ray_goodput = peer_goodput["litserve"], peer_goodput["ray"]
 
     # ---------------- the claims
     ours_good = poisson["mlcycle"].stats.goodput_rps if "mlcycle" in poisson else None
@@ -771,13 +771,33 @@ def print_table(bench: Bench) -> None:
     bench.console.print(table)
 
 
+FAMILIES = {  # one hue per server, shades for its set-ups
+    "mlcycle": ("#1f77b4", "#6baed6", "#08306b"),
+    "bare": ("#636363", "#a8a8a8", "#252525"),
+    "litserve": ("#ff7f0e", "#fdae6b", "#a63603"),
+    "ray": ("#d62728", "#fc9272", "#67000d"),
+}
+
+
+def series_colors(rows: Sequence[Row]) -> dict[tuple[str, str], str]:
+    """A color per (server, set-up): the server's hue, a shade per set-up in order seen."""
+    out: dict[tuple[str, str], str] = {}
+    for row in rows:
+        key = (row.server, row.setup)
+        if key not in out:
+            shades = FAMILIES.get(row.server, ("#9467bd", "#c5b0d5", "#3f007d"))
+            used = sum(1 for k in out if k[0] == row.server)
+            out[key] = shades[used % len(shades)]
+    return out
+
+
 def plot(bench: Bench) -> list[Path]:
     """The latency CDF (Poisson and burst points) and throughput against offered load."""
     from _common import pyplot
 
     plt = pyplot()
     paths: list[Path] = []
-    colors = {"mlcycle": "C0", "bare": "C7", "litserve": "C1", "ray": "C3"}
+    colors = series_colors([r for r in bench.rows if r.model == "mlp"])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for row in bench.rows:
@@ -792,7 +812,7 @@ def plot(bench: Bench) -> list[Path]:
             xs,
             ys,
             style,
-            color=colors.get(row.server),
+            color=colors[(row.server, row.setup)],
             label=f"{row.server} {row.setup}, {row.load}",
         )
     ax.axvline(bench.slo_ms, color="k", lw=0.8, ls=":", label=f"SLO {bench.slo_ms:g} ms")
@@ -816,7 +836,7 @@ def plot(bench: Bench) -> list[Path]:
     for i, (label, rows) in enumerate(series.items()):
         rows.sort(key=lambda r: r.stats.offered_rps or 0)
         xs = [r.stats.offered_rps for r in rows]
-        color = colors.get(rows[0].server)
+        color = colors[(rows[0].server, rows[0].setup)]
         marker = "os^v"[i % 4]
         left.plot(
             xs, [r.stats.throughput_rps for r in rows], f"{marker}-", color=color, label=label
@@ -836,7 +856,7 @@ def plot(bench: Bench) -> list[Path]:
     for i, (label, rows) in enumerate(closed.items()):
         rows.sort(key=lambda r: r.stats.concurrency or 0)
         style = ("o-", "s--", "^-.", "v:")[i % 4]
-        color = colors.get(rows[0].server)
+        color = colors[(rows[0].server, rows[0].setup)]
         xs = [r.stats.concurrency for r in rows]
         right.plot(xs, [r.stats.goodput_rps for r in rows], style, color=color, label=label)
         for r in rows:
@@ -896,6 +916,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--mlcycle-kind", choices=("thread", "process", "ray"), default="thread")
     parser.add_argument("--mlp-hidden", type=int, default=1024, help="MLP hidden width")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--client",
+        choices=loadgen.CLIENTS,
+        default="raw",
+        help="load generator's HTTP client (raw: cheapest per query; aiohttp to cross-check)",
+    )
     parser.add_argument("--timeout-s", type=float, default=10.0, help="per-query client timeout")
     parser.add_argument("--start-timeout-s", type=float, default=90.0, help="mlcycle start")
     parser.add_argument(
@@ -936,6 +962,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pinned": args.pinned,
         "servers": args.servers,
         "mlcycle_kind": args.mlcycle_kind,
+        "client": args.client,
         "notes": bench.notes,
         "figures": [str(p) for p in figures],
         "seconds": round(bench.elapsed(), 1),

@@ -12,7 +12,6 @@ import asyncio
 import json
 import math
 import statistics
-import sys
 
 import numpy as np
 import pytest
@@ -134,21 +133,33 @@ def test_max_throughput_within_slo_needs_p99_and_real_answers() -> None:
 # The client against a real server on loopback (aiohttp.web)
 
 
-async def _with_server(run: object) -> object:
+async def _with_server(run: object, keepalive_timeout: float = 75.0) -> object:
     from aiohttp import web
 
-    async def predict(request: web.Request) -> web.Response:
+    async def predict(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         x = body["input"]
         if x == "slow":
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
         if x == "fail":
             return web.json_response({"error": "no"}, status=503)
+        if x == "close":
+            resp = web.json_response({"output": x})
+            resp.force_close()
+            return resp
+        if x == "chunked":  # a body in two chunks, no Content-Length
+            stream = web.StreamResponse(headers={"Content-Type": "application/json"})
+            stream.enable_chunked_encoding()
+            await stream.prepare(request)
+            await stream.write(b'{"output": "chunked", ')
+            await stream.write(b'"default": true}')
+            await stream.write_eof()
+            return stream
         return web.json_response({"output": x, "default": x == "default"})
 
     app = web.Application()
     app.router.add_post("/predict", predict)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=keepalive_timeout)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -163,12 +174,13 @@ def _body(x: object) -> bytes:
     return json.dumps({"input": x}).encode()
 
 
-def test_open_loop_records_every_query_with_status_and_default_flag() -> None:
+@pytest.mark.parametrize("client", loadgen.CLIENTS)
+def test_open_loop_records_every_query_with_status_and_default_flag(client: str) -> None:
     bodies = [_body(1), _body("default"), _body("fail"), _body(2)]
     arrivals = [i * 0.002 for i in range(100)]
 
     async def run(url: str) -> object:
-        return await loadgen.open_loop_async(url, bodies, arrivals, drain_s=2.0)
+        return await loadgen.open_loop_async(url, bodies, arrivals, drain_s=2.0, client=client)
 
     samples, window_s = loadgen.run_async(_with_server(run))
     assert len(samples) == 100 and window_s == pytest.approx(0.198)
@@ -190,7 +202,19 @@ def test_open_loop_cuts_off_at_the_drain_and_counts_timeouts() -> None:
     samples, _ = loadgen.run_async(_with_server(run))
     by_status = {s.status: s for s in samples}
     assert set(by_status) == {200, loadgen.STATUS_TIMEOUT}
-    assert 0.15 < by_status[loadgen.STATUS_TIMEOUT].latency_s < 0.45
+    assert 0.15 < by_status[loadgen.STATUS_TIMEOUT].latency_s < 0.9  # cut at 0.2 s, not 1 s
+
+
+@pytest.mark.parametrize("client", loadgen.CLIENTS)
+def test_client_timeout_is_a_timeout(client: str) -> None:
+    async def run(url: str) -> object:
+        return await loadgen.closed_loop_async(
+            url, [_body("slow")], 1, 0.05, timeout_s=0.2, client=client
+        )
+
+    samples, _ = loadgen.run_async(_with_server(run))
+    assert [s.status for s in samples] == [loadgen.STATUS_TIMEOUT]
+    assert 0.15 < samples[0].latency_s < 0.9
 
 
 def test_closed_loop_keeps_concurrency_and_drops_warmup() -> None:
@@ -215,16 +239,39 @@ def test_connection_refused_is_an_error_not_a_crash() -> None:
     assert [s.status for s in samples] == [loadgen.STATUS_ERROR] * 2
 
 
-def test_httpx_client_when_aiohttp_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_raw_client_reads_chunked_and_connection_close_answers() -> None:
+    bodies = [_body("chunked"), _body("close"), _body(3)]
+
     async def run(url: str) -> object:
-        monkeypatch.setitem(sys.modules, "aiohttp", None)  # the server already imported it
-        return await loadgen.closed_loop_async(url, [_body("default")], 2, 0.2)
+        return await loadgen.open_loop_async(url, bodies, [i * 0.003 for i in range(30)])
 
     samples, _ = loadgen.run_async(_with_server(run))
-    assert samples and all(s.status == 200 and s.default for s in samples)
+    assert len(samples) == 30 and all(s.status == 200 for s in samples)
+    assert sum(s.default for s in samples) == 10  # the chunked answers say "default": true
+
+
+def test_raw_client_reconnects_when_the_server_drops_idle_connections() -> None:
+    async def run(url: str) -> object:
+        arrivals = [0.0, 0.01, 0.35, 0.36]  # the server closes idle connections after 0.1 s
+        return await loadgen.open_loop_async(url, [_body(1)], arrivals, prewarm=4)
+
+    samples, _ = loadgen.run_async(_with_server(run, keepalive_timeout=0.1))
+    assert [s.status for s in samples] == [200] * 4
+
+
+def test_default_flag_is_read_from_single_and_batch_answers() -> None:
+    assert loadgen._is_default(b'{"output": 1, "default": true}')
+    assert loadgen._is_default(b'{"outputs": [1, 2], "default":[false,true]}')
+    assert not loadgen._is_default(b'{"output": 1, "default": false}')
+    assert not loadgen._is_default(b'{"outputs": [1], "default": [false, false]}')
+    assert not loadgen._is_default(b'{"output": "true"}')
 
 
 def test_bad_client_arguments() -> None:
+    with pytest.raises(ValueError, match="client"):
+        loadgen.open_loop("http://127.0.0.1:1/p", [b"{}"], [0.0], client="curl")
+    with pytest.raises(ValueError, match="http://"):
+        loadgen.open_loop("https://127.0.0.1:1/p", [b"{}"], [0.0])
     with pytest.raises(TypeError, match="bytes"):
         loadgen.open_loop("http://127.0.0.1:1/p", ["{}"], [0.0])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="ascending"):

@@ -23,9 +23,11 @@ throughput, p50/p99, SLO attainment and goodput (answers within the SLO per seco
 excluded). :func:`max_throughput_within_slo` picks the highest-throughput point of a sweep whose
 p99 stays within the SLO with (almost) no defaults.
 
-The client uses aiohttp on uvloop when installed (about 0.1 ms of client CPU per query, enough
-to drive ~5,000 queries/s from one core), else httpx on asyncio (slower; fine for demos). Pin the
-client and the server to different cores (:func:`pin_to_cores`) when measuring.
+The client is a minimal HTTP/1.1 keep-alive client on asyncio (``_loadgen_http``; uvloop when
+installed), stdlib only, with its connections opened ahead of a run: a burst of hundreds of
+queries must leave the client within a few ms, and aiohttp's ~0.2 ms of CPU per query would
+charge the client's own lag to the server. ``client="aiohttp"`` cross-checks it. Pin the client
+and the server to different cores (:func:`pin_to_cores`) when measuring.
 
 Example::
 
@@ -41,11 +43,11 @@ Example::
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
+import re
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -318,71 +320,71 @@ def max_throughput_within_slo(
 # The client
 
 
+_DEFAULT_TRUE = re.compile(rb'"default"\s*:\s*(?:true|\[[^\]]*true)')
+
+
 def _is_default(body: bytes) -> bool:
-    """Whether a JSON response body marks its answer as the server's default."""
-    if b'"default"' not in body:
-        return False
-    try:
-        flag = json.loads(body).get("default")
-    except (ValueError, AttributeError):
-        return False
-    if isinstance(flag, list):
-        return any(bool(f) for f in flag)
-    return bool(flag)
+    """Whether a JSON response body marks its answer as the server's default
+    (``"default": true``, or a list holding ``true`` for a batch). A regex rather than a JSON
+    parse, so that reading a marked answer costs the client no more than an unmarked one."""
+    return _DEFAULT_TRUE.search(body) is not None
 
 
-Post = Callable[[bytes], Awaitable[tuple[int, bytes]]]
+CLIENTS = ("raw", "aiohttp")
 
 
 class _Client:
-    """One HTTP client session posting JSON bodies to one URL (aiohttp, else httpx)."""
+    """One HTTP client posting JSON bodies to one URL: the raw keep-alive client (default,
+    stdlib only, cheapest per query) or aiohttp (a standard client, to cross-check)."""
 
-    def __init__(self, url: str, *, max_connections: int, timeout_s: float) -> None:
+    def __init__(
+        self, url: str, *, max_connections: int, timeout_s: float, prewarm: int, kind: str
+    ) -> None:
+        if kind not in CLIENTS:
+            raise ValueError(f"client must be one of {', '.join(CLIENTS)}, got {kind!r}")
         self.url = url
         self.max_connections = max_connections
         self.timeout_s = timeout_s
+        self.prewarm = prewarm
+        self.kind = kind
         self._session: Any = None
-        self._kind = ""
 
     async def __aenter__(self) -> _Client:
-        headers = {"Content-Type": "application/json"}
+        if self.kind == "raw":
+            from mlcycle.serve.online._loadgen_http import RawHTTPClient
+
+            self._session = RawHTTPClient(
+                self.url,
+                max_connections=self.max_connections,
+                timeout_s=self.timeout_s,
+                prewarm=self.prewarm,
+            )
+            await self._session.start()
+            self.post = self._session.post  # type: ignore[method-assign]
+            return self
         try:
             import aiohttp
-        except ImportError:
-            import httpx
-
-            limits = httpx.Limits(
-                max_connections=self.max_connections,
-                max_keepalive_connections=self.max_connections,
-            )
-            self._session = httpx.AsyncClient(
-                limits=limits, timeout=self.timeout_s, headers=headers
-            )
-            self._kind = "httpx"
-        else:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=None)
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                headers=headers,
-                skip_auto_headers=("User-Agent",),
-            )
-            self._kind = "aiohttp"
+        except ImportError as exc:
+            raise ImportError(
+                "client='aiohttp' needs aiohttp (pip install aiohttp); or use client='raw'"
+            ) from exc
+        connector = aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=None)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            headers={"Content-Type": "application/json"},
+            skip_auto_headers=("User-Agent",),
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._kind == "aiohttp":
+        if self._session is not None:
             await self._session.close()
-        elif self._session is not None:
-            await self._session.aclose()
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
         """POST ``body``; (status, response body). Raises on connection errors and timeouts."""
-        if self._kind == "aiohttp":
-            async with self._session.post(self.url, data=body) as resp:
-                return resp.status, await resp.read()
-        resp = await self._session.post(self.url, content=body)
-        return resp.status_code, resp.content
+        async with self._session.post(self.url, data=body) as resp:
+            return resp.status, await resp.read()
 
 
 async def _one(
@@ -423,6 +425,8 @@ async def open_loop_async(
     timeout_s: float = 30.0,
     drain_s: float = 5.0,
     max_connections: int = 1024,
+    prewarm: int = 128,
+    client: str = "raw",
 ) -> tuple[list[Sample], float]:
     """Send query ``i`` at ``arrivals_s[i]`` (s from the start) whatever the server does.
 
@@ -430,20 +434,28 @@ async def open_loop_async(
     arrival the client waits up to ``drain_s`` for outstanding answers, then cuts them off
     (:data:`STATUS_TIMEOUT`, latency up to the cut). Returns the samples (in completion order)
     and the arrival window (the last arrival time, at least 1 ms), the span to summarize over.
+
+    ``prewarm`` keep-alive connections are opened before the clock starts (the raw client),
+    so that a burst does not pay for TCP handshakes; at most ``max_connections`` are open, and a
+    query that finds none free waits in the client (its wait counts in its latency).
+    ``client`` is ``"raw"`` (default) or ``"aiohttp"``.
     """
     _check_bodies(bodies)
     arrivals = list(arrivals_s)
     if any(b < a for a, b in zip(arrivals, arrivals[1:], strict=False)):
         raise ValueError("arrivals_s must be ascending (seconds from the start of the run)")
     samples: list[Sample] = []
-    async with _Client(url, max_connections=max_connections, timeout_s=timeout_s) as client:
+    pool = _Client(
+        url, max_connections=max_connections, timeout_s=timeout_s, prewarm=prewarm, kind=client
+    )
+    async with pool as conn:
         tasks: set[asyncio.Task[None]] = set()
         t0 = time.perf_counter()
         i, n, k = 0, len(arrivals), len(bodies)
         while i < n:
             now = time.perf_counter() - t0
             while i < n and arrivals[i] <= now:
-                task = asyncio.ensure_future(_one(client, bodies[i % k], arrivals[i], t0, samples))
+                task = asyncio.ensure_future(_one(conn, bodies[i % k], arrivals[i], t0, samples))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 i += 1
@@ -466,12 +478,14 @@ async def closed_loop_async(
     *,
     warmup_s: float = 0.0,
     timeout_s: float = 30.0,
+    client: str = "raw",
 ) -> tuple[list[Sample], float]:
     """``concurrency`` clients, each sending its next query as soon as its last is answered.
 
     Runs ``warmup_s + duration_s`` seconds; queries sent during the first ``warmup_s`` are left
     out of the samples. Queries still out at the end are waited for (up to ``timeout_s``).
-    Returns the samples and the measured window ``duration_s``.
+    Returns the samples and the measured window ``duration_s``. ``client``: as in
+    :func:`open_loop_async`.
     """
     _check_bodies(bodies)
     if not (isinstance(concurrency, int) and concurrency >= 1):
@@ -482,13 +496,16 @@ async def closed_loop_async(
         )
     samples: list[Sample] = []
     end_s = warmup_s + duration_s
-    async with _Client(url, max_connections=concurrency, timeout_s=timeout_s) as client:
+    pool = _Client(
+        url, max_connections=concurrency, timeout_s=timeout_s, prewarm=concurrency, kind=client
+    )
+    async with pool as conn:
         t0 = time.perf_counter()
 
         async def worker(w: int) -> None:
             j = w
             while (now := time.perf_counter() - t0) < end_s:
-                await _one(client, bodies[j % len(bodies)], now, t0, samples)
+                await _one(conn, bodies[j % len(bodies)], now, t0, samples)
                 j += concurrency
 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
