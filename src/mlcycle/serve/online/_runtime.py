@@ -233,9 +233,12 @@ class ModelRuntime:
     def predicted_finish(self, now: float) -> float:
         """When a query queued now would be answered (loop time), from the latency fit.
 
-        The batches ahead of it count at their mean latency, its own batch at the p99; an
-        idle replica with an empty queue always admits (so the fit keeps learning even after
-        a slow spell, and a model slower than the SLO still gets its chance).
+        Batches count at their mean fitted latency, not the p99: admission refuses only what
+        is expected to miss, and the deadline timer answers the unlucky tail. (With the p99, a
+        few batches slowed by a busy machine made the margin exceed the whole budget and every
+        queued query was refused.) An idle replica with an empty queue always admits, so the
+        fit keeps learning after a slow spell and a model slower than the SLO still gets its
+        chance.
         """
         lat = self.latency
         queue = self._queue
@@ -259,7 +262,7 @@ class ModelRuntime:
         q = len(queue) + 1
         start = now if idle or free_at < now else free_at
         rounds = -(-q // (bs * live))  # ceil
-        return start + (rounds - 1) * lat.mean_s(bs) + lat.predict_s(min(q, bs))
+        return start + (rounds - 1) * lat.mean_s(bs) + lat.mean_s(min(q, bs))
 
     def submit(self, x: Any, deadline: float, digest: bytes | None = None) -> asyncio.Future[Any]:
         """Queue one input; the future resolves to the output or a :class:`_Reason`.
