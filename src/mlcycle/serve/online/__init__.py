@@ -23,7 +23,7 @@ from typing import Any
 _EXPORTS = {
     "Server": "server",
     "serve_in_thread": "server",
-    "serve_in_process": "server",
+    "serve_in_process": "_launch",
     "HTTPError": "server",
     "ServerConfig": "_config",
     "ModelConfig": "_config",
