@@ -36,7 +36,8 @@ The JSON fields (last stdout line under ``--json``):
 - ``batching_throughput_ratio``: over the closed-loop sweeps of ``mlp`` and ``mlp_nb``, the
   highest throughput whose p99 is within the SLO with >= 99% real (non-default) answers within
   it (``loadgen.max_throughput_within_slo``), batched over unbatched. The batched figure is
-  "our peak".
+  "our peak". ``batching_ratio_vs_bare``: the same peak over the bare inline server's (a cross-
+  check that does not hang on how mlcycle's own unbatched path admits queries).
 - ``goodput_vs_litserve`` / ``goodput_vs_rayserve``: real answers within the SLO per second
   under Poisson arrivals at ``--load-fraction`` (0.9) of our peak, mlcycle ``mlp`` over the
   peer's best set-up. A peer with no answer within the SLO is credited with one, so the ratio
@@ -45,7 +46,9 @@ The JSON fields (last stdout line under ``--json``):
   queries answered (real or marked default) within the SLO, measured at the client.
 
 ``rows`` holds every load point (server, model, set-up, load, throughput, goodput, p50/p99, SLO
-fractions, defaults, client lag). Figures in ``--out``: ``serve_latency_cdf.png`` and
+fractions, defaults, mlcycle's mean batch size from ``/metrics``, and the client's own lag and
+SLO attainment timed from the send: when those two differ much, the client core was busy and
+the point is noisy). Figures in ``--out``: ``serve_latency_cdf.png`` and
 ``serve_throughput_vs_load.png``; ``rows.jsonl`` and the mlcycle config go there too.
 
 Usage::
