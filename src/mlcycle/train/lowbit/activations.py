@@ -198,35 +198,34 @@ def pack(
     # backward reads is exact and the positive values are still rounded without bias.
     exact_zeros = bits >= 2 and bool(flat.min() == 0)
     grid = levels - 1 if exact_zeros else levels
-    if exact_zeros:
-        lo = torch.cat([torch.where(p > 0, p, math.inf).amin(1, keepdim=True) for p in parts])
+    chunk = _chunk_groups(numel, group_size)
+    blocks = [part[i : i + chunk] for part in parts for i in range(0, part.shape[0], chunk)]
+    if exact_zeros:  # the least positive value of each group (inf when it has none)
+        lo = torch.cat([b.masked_fill(b <= 0, math.inf).amin(1, keepdim=True) for b in blocks])
         lo = torch.where(torch.isinf(lo), 0.0, lo).float()
     else:
-        lo = torch.cat([part.amin(dim=1, keepdim=True) for part in parts]).float()
-    hi = torch.cat([part.amax(dim=1, keepdim=True) for part in parts]).float()
+        lo = torch.cat([b.amin(dim=1, keepdim=True) for b in blocks]).float()
+    hi = torch.cat([b.amax(dim=1, keepdim=True) for b in blocks]).float()
     z, s = _round_meta(lo, hi, grid, positive=exact_zeros)
     zf = z.float()
     inv_step = torch.where(s > 0, 1.0 / s.float(), torch.zeros_like(zf))
     bytes_per_group = group_size * bits // 8
     payload = torch.empty(lo.shape[0] * bytes_per_group, dtype=torch.uint8, device=x.device)
-    chunk = _chunk_groups(numel, group_size)
     g0 = 0
-    for part in parts:
-        for start in range(0, part.shape[0], chunk):
-            block = part[start : start + chunk]
-            g1 = g0 + block.shape[0]
-            shifted = block - zf[g0:g1]  # >= 0 (for positives): z <= each group's minimum
-            if stochastic:  # floor((x - z) / step + u), u ~ U[0, 1)
-                v = torch.rand(block.shape, generator=generator, device=block.device)
-                v.addcmul_(shifted, inv_step[g0:g1]).floor_()
-            else:
-                v = shifted.mul_(inv_step[g0:g1]).round_()
-            v.clamp_(0, grid)
-            if exact_zeros:
-                v = torch.where(block > 0, v + 1, 0.0)
-            q = v.to(torch.uint8)
-            _pack_bits_into(q.view(-1), bits, payload[g0 * bytes_per_group : g1 * bytes_per_group])
-            g0 = g1
+    for block in blocks:
+        g1 = g0 + block.shape[0]
+        shifted = block - zf[g0:g1]  # >= 0 (for positives): z <= each group's minimum
+        if stochastic:  # floor((x - z) / step + u), u ~ U[0, 1)
+            v = torch.rand(block.shape, generator=generator, device=block.device)
+            v.addcmul_(shifted, inv_step[g0:g1]).floor_()
+        else:
+            v = shifted.mul_(inv_step[g0:g1]).round_()
+        v.clamp_(0, grid)
+        if exact_zeros:  # level 0 only for exact zeros, 1.. for positive values
+            v.add_(1).mul_(block > 0)
+        q = v.to(torch.uint8)
+        _pack_bits_into(q.view(-1), bits, payload[g0 * bytes_per_group : g1 * bytes_per_group])
+        g0 = g1
     return PackedTensor("float", payload, s, z, shape, x.dtype, bits, numel, exact_zeros)
 
 
@@ -251,8 +250,9 @@ def unpack(p: PackedTensor) -> Tensor:
         g1 = min(n_groups, g0 + chunk)
         q = _unpack_bits(p.payload[g0 * bytes_per_group : g1 * bytes_per_group], p.bits)
         qf = q.view(g1 - g0, group_size).float()
-        if p.exact_zeros:
-            vals = torch.where(qf > 0, torch.addcmul(zero[g0:g1], qf - 1, scale[g0:g1]), 0.0)
+        if p.exact_zeros:  # level k >= 1 is zero + (k - 1) * scale; level 0 is exactly 0
+            vals = torch.addcmul(zero[g0:g1] - scale[g0:g1], qf, scale[g0:g1])
+            vals.mul_(qf > 0)
         else:
             vals = torch.addcmul(zero[g0:g1], qf, scale[g0:g1])
         stop = min(p.numel, g1 * group_size)
