@@ -49,6 +49,7 @@ META_BYTES_PER_GROUP = 4  # a float16 scale and a float16 zero point
 DEFAULT_GROUP_SIZE = 256
 DEFAULT_MIN_NUMEL = 1024
 CHUNK_VALUES = 2**17  # at most this many values (or 1/8 of the tensor) are packed at a time
+CHUNK_VALUES_ACCELERATOR = 2**22
 MIN_CHUNK_VALUES = 2**12
 _CONTEXTS = itertools.count()  # numbers each context's own rounding seed
 _F16_MAX = 65504.0
@@ -113,6 +114,15 @@ class PackedTensor:
         return total
 
 
+def _next(t: Tensor, toward: float) -> Tensor:
+    """The next representable value of ``t``'s dtype toward ``toward`` (elementwise)."""
+    target = torch.full_like(t, toward)
+    try:
+        return torch.nextafter(t, target)
+    except (RuntimeError, NotImplementedError):  # older torch: no float16 kernel on the device
+        return torch.nextafter(t.cpu(), target.cpu()).to(t.device)
+
+
 def _round_meta(
     lo: Tensor, hi: Tensor, levels: int, *, positive: bool = False
 ) -> tuple[Tensor, Tensor]:
@@ -127,10 +137,10 @@ def _round_meta(
     exact = (hi - lo) / levels
     for meta in (torch.float16, torch.float32):
         z = lo.to(meta)
-        z = torch.where(z.float() > lo, torch.nextafter(z, torch.full_like(z, -math.inf)), z)
+        z = torch.where(z.float() > lo, _next(z, -math.inf), z)
         s = ((hi - z.float()) / levels).to(meta)
         short = s.float() * levels + z.float() < hi
-        s = torch.where(short, torch.nextafter(s, torch.full_like(s, math.inf)), s)
+        s = torch.where(short, _next(s, math.inf), s)
         if meta == torch.float32:
             return z, s
         finite = bool(torch.isfinite(z).all() and torch.isfinite(s).all())
@@ -198,7 +208,7 @@ def pack(
     # backward reads is exact and the positive values are still rounded without bias.
     exact_zeros = bits >= 2 and bool(flat.min() == 0)
     grid = levels - 1 if exact_zeros else levels
-    chunk = _chunk_groups(numel, group_size)
+    chunk = _chunk_groups(numel, group_size, x.device)
     blocks = [part[i : i + chunk] for part in parts for i in range(0, part.shape[0], chunk)]
     if exact_zeros:  # the least positive value of each group (inf when it has none)
         lo = torch.cat([b.masked_fill(b <= 0, math.inf).amin(1, keepdim=True) for b in blocks])
@@ -244,7 +254,7 @@ def unpack(p: PackedTensor) -> Tensor:
     n_groups = p.scale.shape[0]
     group_size = p.payload.numel() * 8 // p.bits // n_groups
     bytes_per_group = group_size * p.bits // 8
-    chunk = _chunk_groups(p.numel, group_size)
+    chunk = _chunk_groups(p.numel, group_size, p.payload.device)
     scale, zero = p.scale.float(), p.zero.float()
     for g0 in range(0, n_groups, chunk):
         g1 = min(n_groups, g0 + chunk)
@@ -260,10 +270,12 @@ def unpack(p: PackedTensor) -> Tensor:
     return out.reshape(p.shape)
 
 
-def _chunk_groups(numel: int, group_size: int) -> int:
-    """Groups handled at a time: about 1/8 of the tensor, within [4K, 128K] values. The
-    temporaries of a chunk (~9 bytes per value) stay small beside the tensor itself."""
-    values = min(CHUNK_VALUES, max(MIN_CHUNK_VALUES, numel // 8))
+def _chunk_groups(numel: int, group_size: int, device: torch.device) -> int:
+    """Groups handled at a time: about 1/8 of the tensor, within [4K, 128K] values on the CPU
+    (up to 4M on an accelerator, where each op is a kernel launch). The temporaries of a chunk
+    (~9 bytes per value) stay small beside the tensor itself."""
+    most = CHUNK_VALUES if device.type == "cpu" else CHUNK_VALUES_ACCELERATOR
+    values = min(most, max(MIN_CHUNK_VALUES, numel // 8))
     return max(1, values // group_size)
 
 
