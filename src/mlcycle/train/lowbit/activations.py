@@ -2,9 +2,11 @@
 
 Training memory is dominated by the activations that the forward pass saves for backward.
 ActNN stores them at 2 bits, per group with a scale and a zero point, and decompresses them
-when backward needs them; stochastic rounding keeps the gradient unbiased (Sec. 3, Theorem 1),
-and its variance grows little because activations only enter the gradient through the
-layer's backward (Sec. 4). The forward pass itself is untouched, so it stays exact.
+when backward needs them. Stochastic rounding keeps the gradient unbiased (Sec. 3, Theorem 1)
+for every op whose backward reads a saved tensor linearly (Linear and convolution weight
+gradients, products) or only through its sign (ReLU, whose zeros are kept exact below); ops
+whose backward is nonlinear in it (tanh, GELU, softmax, normalisation) get a bias of the order
+of the rounding variance. The forward pass itself is untouched, so it stays exact.
 
 :func:`compress_activations` does this for any module through
 ``torch.autograd.graph.saved_tensors_hooks``:
@@ -13,7 +15,9 @@ layer's backward (Sec. 4). The forward pass itself is untouched, so it stays exa
   split into groups of ``group_size`` consecutive values; each group stores its minimum (the
   zero point) and its step (the scale) in float16 when they fit (float32 otherwise) and its
   values as ``bits``-bit integers, stochastically rounded and bit-packed into ``uint8``
-  (8 / bits values per byte): ``bits + 32 / group_size`` bits per value in all;
+  (8 / bits values per byte): ``bits + 32 / group_size`` bits per value in all; in a
+  nonnegative tensor with exact zeros (a ReLU output) level 0 is kept for exact zeros and the
+  other levels span each group's positive values;
 - boolean tensors (masks) are bit-packed losslessly, 1 bit per value; integer tensors (max-pool
   indices) are stored losslessly in the narrowest integer type that holds their range;
 - a tensor saved more than once (as ``x`` and as ``x.t()``, or by two ops) is stored once;
