@@ -50,12 +50,24 @@ def _remat_train(quick: bool) -> str:
     )
 
 
+def _lowbit(quick: bool) -> str:
+    from mlcycle.train.lowbit import demo_summary
+
+    r = demo_summary(quick=quick)
+    return (
+        f"digits CNN, {r['steps']} training steps with activations saved at {r['bits']} bits: "
+        f"{r['saved_fp32_bytes'] / 2**20:.2f} MiB of float32 activations held as "
+        f"{r['saved_compressed_bytes'] / 2**20:.2f} MiB ({r['reduction']:.1f}x less), loss "
+        f"{r['loss_first']:.2f} -> {r['loss_last']:.2f}"
+    )
+
+
 # (stage, reference system, runner or None when the stage is not built yet)
 STAGES: list[tuple[str, str, Callable[[bool], str] | None]] = [
     ("develop", "HyperSched: trials on a deadline", None),
     ("train", "Checkmate: plan a step within a memory budget", _remat),
     ("train", "Checkmate: train under that budget", _remat_train),
-    ("train", "low-bit training (stochastic rounding, ActNN)", None),
+    ("train", "ActNN: activations compressed to 2 bits", _lowbit),
     ("registry", "model versions on MLflow", None),
     ("serve online", "Clipper: adaptive batching, cache, selection", None),
     ("serve offline", "predictions in DuckDB", None),

@@ -15,6 +15,7 @@ import typer
 
 from mlcycle._version import __version__
 from mlcycle.serve.online._cli import serve_app
+from mlcycle.train.lowbit._cli import lowbit_app
 
 app = typer.Typer(
     help="mlcycle: the machine-learning lifecycle, each stage on the systems that made it fast.",
@@ -27,6 +28,7 @@ remat_app = typer.Typer(
 )
 app.add_typer(remat_app, name="remat")
 app.add_typer(serve_app, name="serve")  # defined beside the server; imports typer and stdlib only
+app.add_typer(lowbit_app, name="lowbit")
 
 SolverOpt = Annotated[
     str, typer.Option("--solver", help="auto | greedy | milp | cpsat | a baseline name")
