@@ -5,7 +5,7 @@ machine's cores for the synthetic workload), or joins a cluster by address; runs
 scheduler (HyperSched, ASHA, or ResourceChangingScheduler around ASHA) on one workload with a
 seeded searcher; stops every trial at the deadline; and always shuts down the Ray it started.
 
-The deadline is wall-clock time from just before ``Tuner.fit``: the same instant starts
+The deadline is wall-clock time from just before the ``Tuner`` is built: that instant starts
 HyperSched's clock and the stopper that ends the experiment for every scheduler. The report
 counts only results that arrived by the deadline.
 """
@@ -55,7 +55,7 @@ class TuneReport:
         resizes: changes of a trial's atom count between two of its results.
         results_after_deadline: results that arrived after the deadline (not counted).
         last_result_s: when the last counted result arrived, seconds from the start.
-        wall_s: seconds ``Tuner.fit`` took, cleanup included.
+        wall_s: seconds from building the ``Tuner`` to the end of ``fit``, teardown included.
         curves: per trial, ``(t_s, iteration, accuracy, atoms)`` for each counted result.
         configs: per trial, its searched hyperparameters.
         scheduler_summary: HyperSched's decision counts and estimates (empty for peers).
@@ -175,8 +175,8 @@ def ray_session(atoms: int, address: str | None = None) -> Iterator[None]:
     }
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=atoms, **kwargs)
+    else:  # "local": a fresh instance, never another driver's cluster on this machine
+        ray.init(address="local", num_cpus=atoms, **kwargs)
     try:
         yield
     finally:
@@ -215,7 +215,7 @@ def run_tune(
     Args:
         workload: "synthetic" (known curves, simulated work) or "digits" (a real CNN).
         scheduler: "hypersched", "asha" or "rcs".
-        deadline_s: wall-clock seconds from the start of ``Tuner.fit`` to the deadline.
+        deadline_s: wall-clock seconds from building the ``Tuner`` to the deadline.
         atoms: CPUs in the pool (local Ray gets exactly this many logical CPUs).
         seed: seeds the searcher (and so every trial's configuration).
         address: a Ray cluster address; None starts a local instance.
@@ -269,24 +269,11 @@ def _fit(
 
     from ray import tune
     from ray.tune.execution.placement_groups import PlacementGroupFactory
-    from ray.tune.stopper import Stopper
 
-    from mlcycle.develop._searcher import GatedSearcher
+    from mlcycle.develop._searcher import DeadlineStopper, GatedSearcher
 
     module_name, class_name = spec.trainable.split(":")
     trainable_cls = getattr(importlib.import_module(module_name), class_name)
-
-    class DeadlineStopper(Stopper):
-        """Ends the experiment for every scheduler at the same wall-clock instant."""
-
-        def __init__(self, deadline_at: float) -> None:
-            self.deadline_at = deadline_at
-
-        def __call__(self, trial_id: str, result: dict) -> bool:
-            return False
-
-        def stop_all(self) -> bool:
-            return time.time() >= self.deadline_at
 
     t0 = time.time()
     sched = make_scheduler(scheduler_name, spec, deadline_s=deadline_s, atoms=atoms, start_time=t0)

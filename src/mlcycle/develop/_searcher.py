@@ -1,4 +1,5 @@
-"""A seeded random searcher with an admission gate (imported only when Ray runs).
+"""Tune glue: a seeded random searcher with an admission gate, and a deadline stopper
+(imported only when Ray runs).
 
 Tune starts every pending trial it holds as soon as resources allow, whatever the scheduler
 says, so admission control has to act where trials are created: :class:`GatedSearcher` asks
@@ -11,12 +12,31 @@ ASHA and ResourceChangingScheduler the gate is None (always open).
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ray.tune.search import Searcher
+from ray.tune.stopper import Stopper
 
-__all__ = ["GatedSearcher"]
+__all__ = ["DeadlineStopper", "GatedSearcher"]
+
+
+class DeadlineStopper(Stopper):
+    """Ends the whole experiment at ``deadline_at`` (seconds since the epoch).
+
+    Every scheduler in a comparison gets the same instant, the one that also starts
+    HyperSched's clock, so the deadline is the same wall-clock budget for all.
+    """
+
+    def __init__(self, deadline_at: float) -> None:
+        self.deadline_at = deadline_at
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return time.time() >= self.deadline_at
 
 
 class GatedSearcher(Searcher):

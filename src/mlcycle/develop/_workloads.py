@@ -5,9 +5,10 @@
   real time and then reports the curve's accuracy at that iteration. Time is real wall-clock
   time (the deadline is as honest as for a real model); only the work is simulated, so the
   atoms can be logical (``ray.init(num_cpus=8)`` on a 2-core machine).
-- **digits**: a small convolutional network on scikit-learn's bundled 8x8 digits (offline),
-  trained data-parallel with one process per atom (torch.distributed, gloo); one iteration
-  is one epoch. See :mod:`mlcycle.develop._digits`.
+- **digits**: a small convolutional network (64 and 128 channels, global batch 128) on
+  scikit-learn's bundled 8x8 digits (offline), trained data-parallel with one process per
+  atom (torch.distributed, gloo); one iteration is one epoch, 27 at most. See
+  :mod:`mlcycle.develop._digits`.
 
 The synthetic curve: with ``x = log10(lr / 0.03)``, the plateau is ``0.97 - 0.1 x**2`` (plus a
 per-trial offset of sd 0.01) and the time constant ``10 * 10**(-0.6 x)`` iterations, so a large
@@ -128,7 +129,10 @@ def workload_spec(name: str, **overrides: Any) -> WorkloadSpec:
             name="digits",
             trainable="mlcycle.develop._trainables:DigitsTrainable",
             sample=_sample_digits,
-            constants={"batch_size": overrides.pop("batch_size", 64)},
+            constants={
+                "batch_size": overrides.pop("batch_size", 128),
+                "width": overrides.pop("width", 2),
+            },
             max_t=27,
             scaling=None,
             prior_serial_fraction=0.2,
@@ -144,7 +148,8 @@ def workload_spec(name: str, **overrides: Any) -> WorkloadSpec:
         if unknown:
             raise ValueError(
                 f"unknown workload options {unknown}; valid ones are {sorted(fields)} "
-                "(and iter_s, serial_fraction for synthetic, batch_size for digits)."
+                "(and iter_s, serial_fraction, tau_iters for synthetic; batch_size, width "
+                "for digits)."
             )
         spec = WorkloadSpec(**{**spec.__dict__, **overrides})
     return spec

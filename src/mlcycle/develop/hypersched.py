@@ -1,19 +1,31 @@
 """HyperSched as a Ray Tune ``TrialScheduler``: the best model by the deadline, on fixed atoms.
 
 Liaw et al., "HyperSched: Dynamic Resource Reallocation for Model Development on a Deadline",
-SoCC 2019. The scheduler explores many trials early with ASHA-style pause-and-promote; once a
-new trial could no longer reach the top rung by the deadline it stops admitting trials and
-hands the atoms that paused and finished trials free up to the best trials, which resume from
-their checkpoints with more data-parallel workers. The decisions are the pure functions of
-:mod:`mlcycle.develop._policy`; this module keeps the state and speaks Tune's event interface:
+SoCC 2019. The scheduler has two phases:
 
-- ``on_trial_result`` returns CONTINUE, PAUSE (a rung loser, a preempted trial, or a trial to
-  be resized) or STOP (top rung reached, or no further iteration fits before the deadline);
-- ``choose_trial_to_run`` resumes resized trials with their new resources first, then ASHA
-  promotions (exploration) or the allocation plan's paused trials (exploitation);
-- :meth:`HyperSched.admits_new_trial` is the admission gate; a searcher asks it before it
-  suggests a trial (:class:`mlcycle.develop._searcher.GatedSearcher`), since Tune itself
-  starts every pending trial it has.
+- **Exploration** (Sec. 4.1-4.2): ASHA's rungs with pause-and-promote. A trial is judged when
+  it reaches a rung: in the top ``1/eta`` of the trials recorded there it goes on, otherwise it
+  is *paused* (checkpointed, atoms freed), not killed. The rule is reapplied retrospectively
+  to every paused trial against the rung as it is now, so a trial paused against an early,
+  thin rung is promoted once the rung fills with worse trials; promotions go before new
+  trials. New trials are admitted while one could still reach the top rung by the deadline
+  (:func:`~mlcycle.develop._policy.admits_new_trial`).
+- **Exploitation** (Sec. 4.3), once admission has closed for good: the allocation plan
+  (:func:`~mlcycle.develop._policy.plan_allocation`) decides alone. Trials are ranked by
+  score; each in turn gets the atoms that complete the most iterations by the deadline, and a
+  trial changes its atom count only when the iterations it gains beat the restart overhead.
+  A trial the plan leaves without atoms is paused (preempted); a paused one the plan gives
+  atoms to resumes; a trial that should grow is paused and resumes from its checkpoint with
+  more data-parallel workers once the atoms are free.
+
+Tune's event interface: ``on_trial_result`` returns CONTINUE, PAUSE (rung loser, preempted, or
+to be resized) or STOP (top rung reached, or its next iteration would end after the deadline);
+``choose_trial_to_run`` resumes resized trials with their new resources first, then ASHA
+promotions or the plan's picks. New trials are gated at creation by
+:meth:`HyperSched.admits_new_trial`, which a searcher asks before suggesting one
+(:class:`mlcycle.develop._searcher.GatedSearcher`), because Tune starts every pending trial
+it holds by itself. The decisions are the pure functions of :mod:`mlcycle.develop._policy`;
+this module keeps the state.
 
 Atoms are one resource (``atom_resource``, "CPU" by default): a trial on ``n`` atoms holds one
 bundle with ``n`` of it, and its trainable starts ``n`` data-parallel workers.
@@ -66,7 +78,21 @@ class _TrialState:
 
 class HyperSched(TrialScheduler):
     """Deadline-aware trial scheduler with pause-and-promote, admission control and
-    reallocation of atoms (Liaw et al., SoCC 2019, Sec. 4).
+    reallocation of atoms (Liaw et al., SoCC 2019, Sec. 4; see the module docstring).
+
+    Use it with a searcher that asks :meth:`admits_new_trial` (as ``run_tune`` does),
+    ``reuse_actors=False``, and a trainable that checkpoints and reads its atom count from
+    its resources (``mlcycle.develop._searcher`` has the searcher and the stopper)::
+
+        t0 = time.time()
+        sched = HyperSched(deadline_s=600, atoms=8, metric="accuracy", mode="max",
+                           max_t=27, start_time=t0)
+        searcher = GatedSearcher(sample, seed=0, gate=sched.admits_new_trial,
+                                 closed=sched.admission_closed)
+        tune.Tuner(tune.with_resources(MyTrainable, {"CPU": 1}),
+                   tune_config=tune.TuneConfig(scheduler=sched, search_alg=searcher,
+                                               num_samples=100_000),
+                   run_config=tune.RunConfig(stop=DeadlineStopper(t0 + 600))).fit()
 
     Args:
         deadline_s: seconds from the start of the experiment to the deadline. The clock
@@ -178,10 +204,10 @@ class HyperSched(TrialScheduler):
             return False
         if self._mode and mode and mode != self._mode:
             return False
-        self._metric = metric or self._metric
-        self._mode = mode or self._mode
         if mode not in (None, "max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+        self._metric = metric or self._metric
+        self._mode = mode or self._mode
         return True
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
@@ -208,7 +234,9 @@ class HyperSched(TrialScheduler):
         self._finish(trial.trial_id, "remove")
 
     def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        """ASHA's retrospective rule, the deadline and the allocation plan, in that order."""
+        """STOP at the top rung or when the next iteration would end after the deadline;
+        while exploring, PAUSE a trial that reaches a rung outside its top ``1/eta``; while
+        exploiting, PAUSE it when the plan preempts or resizes it; else CONTINUE."""
         if self._time_attr not in result or self._metric not in result:
             return TrialScheduler.CONTINUE
         now = self._now()
