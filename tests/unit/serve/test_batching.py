@@ -98,3 +98,42 @@ def test_fixed_none_and_factory() -> None:
         AIMDBatcher(0.01, backoff=1.5)
     with pytest.raises(ValueError, match="max_batch_size"):
         FixedBatcher(0)
+
+
+def test_a_few_descheduled_batches_do_not_move_the_fitted_line() -> None:
+    """On a busy machine a batch can take ten times its usual latency; the line ignores those,
+    the tail margin keeps them."""
+    clean, noisy = LatencyModel(), LatencyModel()
+    for i in range(256):
+        n = 1 + i % 32
+        lat = 0.001 + 0.0001 * n
+        clean.observe(n, lat)
+        noisy.observe(n, lat * (10.0 if i % 16 == 3 else 1.0))  # 6% of batches 10x slower
+    for n in (1, 16, 32):
+        assert noisy.mean_s(n) == pytest.approx(clean.mean_s(n), rel=0.02)
+    assert noisy.predict_s(16) > 3 * clean.mean_s(16)  # the p99 covers the slow ones
+    assert noisy.outliers > 0 and noisy.to_dict()["outliers"] == noisy.outliers
+    assert noisy.fast_s(16) <= noisy.mean_s(16)
+
+
+def test_a_lasting_slowdown_is_learned() -> None:
+    """Outliers are the few: when most batches get slower, the line follows."""
+    model = LatencyModel(window=64)
+    for _ in range(64):
+        model.observe(8, 0.002)
+    for _ in range(64):
+        model.observe(8, 0.006)
+    assert model.mean_s(8) == pytest.approx(0.006, rel=0.05)
+
+
+def test_aimd_calibrates_from_a_latency_fit_then_adapts() -> None:
+    model = LatencyModel()
+    for n in (1, 64, 1, 64):
+        model.observe(n, 0.001 + 0.0002 * n)  # batch 64 takes 13.8 ms
+    ctrl = AIMDBatcher(target_s=0.010, max_batch_size=64)
+    ctrl.calibrate(model)  # 1 ms + 0.2 ms * n <= 10 ms  ->  45
+    assert ctrl.batch_size() == 45
+    ctrl.observe(45, 0.012)
+    assert ctrl.batch_size() == 40  # AIMD from there
+    ctrl.calibrate(LatencyModel())  # nothing measured: unchanged
+    assert ctrl.batch_size() == 40

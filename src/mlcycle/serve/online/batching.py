@@ -61,23 +61,30 @@ def _check_max(max_batch_size: int) -> int:
 
 
 class LatencyModel:
-    """Batch latency as a linear function of batch size, with a tail margin.
+    """Batch latency as a linear function of batch size, robust to outliers, with a tail margin.
 
     Fits ``latency_s ~ a + b * n`` by least squares over the last ``window`` batches and adds
     the ``quantile`` of the residuals, so that :meth:`predict_s` estimates a tail latency (p99
-    by default) rather than the mean (Clipper Sec. 4.3 fits a model of latency against batch
-    size; we use ordinary least squares plus an empirical residual quantile). With a single
+    by default) and :meth:`mean_s` a typical one (Clipper Sec. 4.3 fits a model of latency
+    against batch size; we use least squares plus an empirical residual quantile). With a single
     distinct batch size seen, the fit assumes latency proportional to size (no fixed cost),
     which over-estimates larger batches and so errs on the safe side until they are observed.
 
-    The line is refitted after every batch from running sums (O(1)); the residual quantile,
-    which needs a sort, every ``refit_every`` batches, when the sums are also recomputed
-    exactly so that float error cannot build up.
+    The line is robust: batches slower than the line by more than a cutoff (five robust
+    standard deviations of the residuals, from their median absolute deviation, and at least a
+    quarter of the mean latency) are left out of it. On a busy machine a batch descheduled for
+    a time slice can take ten times its usual latency; a few of those would otherwise pull the
+    mean of a window far above what most batches take. The outliers still count in the tail
+    margin, so :meth:`predict_s` keeps covering them.
+
+    The line is refitted after every batch from running sums over the inliers (O(1)); the
+    cutoff and the residual quantile, which need sorts, every ``refit_every`` batches, when the
+    sums are also recomputed exactly so that float error cannot build up.
 
     Args:
         window: how many recent batches the fit uses.
         quantile: the residual quantile added to the mean fit, in (0, 1).
-        refit_every: recompute the residual quantile after this many new batches.
+        refit_every: recompute the cutoff and the residual quantile after this many batches.
     """
 
     def __init__(self, window: int = 256, quantile: float = 0.99, refit_every: int = 32) -> None:
@@ -90,40 +97,75 @@ class LatencyModel:
         self.refit_every = max(1, refit_every)
         self._n: list[int] = []
         self._lat: list[float] = []
+        self._in: list[bool] = []  # whether each batch in the window is in the line's sums
+        self._k_in = 0
         self._next = 0  # ring-buffer position once the window is full
         self._dirty = 0
-        self._sums = [0.0, 0.0, 0.0, 0.0]  # sum n, sum latency, sum n^2, sum n * latency
+        self._sums = [0.0, 0.0, 0.0, 0.0]  # over inliers: n, latency, n^2, n * latency
+        self._cut_s = math.inf  # a batch slower than the line by more is an outlier
         self.count = 0
+        self.outliers = 0
+        self.resets = 0
         self.a_s = 0.0  # fixed cost per batch
         self.b_s = 0.0  # cost per query in the batch
         self.margin_s = 0.0  # residual quantile
+        self.fast_ratio = 1.0  # the 10th percentile of latency over the line
 
     def observe(self, batch_size: int, latency_s: float) -> None:
         """Add one measured batch."""
+        if len(self._n) >= 8 and latency_s < 0.5 * self.mean_s(batch_size):
+            self._forget()  # the model is faster than the window says: start afresh
         sums = self._sums
+        inlier = latency_s <= self.a_s + self.b_s * batch_size + self._cut_s
         if len(self._n) < self.window:
             self._n.append(batch_size)
             self._lat.append(latency_s)
+            self._in.append(inlier)
         else:
             i = self._next
-            old_n, old_l = self._n[i], self._lat[i]
-            sums[0] -= old_n
-            sums[1] -= old_l
-            sums[2] -= old_n * old_n
-            sums[3] -= old_n * old_l
+            if self._in[i]:
+                old_n, old_l = self._n[i], self._lat[i]
+                sums[0] -= old_n
+                sums[1] -= old_l
+                sums[2] -= old_n * old_n
+                sums[3] -= old_n * old_l
+                self._k_in -= 1
             self._n[i] = batch_size
             self._lat[i] = latency_s
+            self._in[i] = inlier
             self._next = (i + 1) % self.window
-        sums[0] += batch_size
-        sums[1] += latency_s
-        sums[2] += batch_size * batch_size
-        sums[3] += batch_size * latency_s
+        if inlier:
+            sums[0] += batch_size
+            sums[1] += latency_s
+            sums[2] += batch_size * batch_size
+            sums[3] += batch_size * latency_s
+            self._k_in += 1
+        else:
+            self.outliers += 1
         self.count += 1
         self._dirty += 1
-        if self.count <= 8 or self._dirty >= self.refit_every:
+        if len(self._n) <= 8 or self._dirty >= self.refit_every or 4 * self._k_in < len(self._n):
             self._refit()
         else:
             self._line()
+
+    def _forget(self) -> None:
+        """Drop the window (not the counters): a batch took under half its fitted latency.
+
+        Contention, descheduling and cold caches only ever slow a batch down, so a batch much
+        faster than the fit means the fit is stale (it was learned in a slow spell, or on
+        batch sizes that extrapolate badly), and its window would take hundreds of batches
+        to wash out, during which admission and late drops would refuse what the model can do.
+        """
+        self._n, self._lat, self._in = [], [], []
+        self._k_in = 0
+        self._next = 0
+        self._sums = [0.0, 0.0, 0.0, 0.0]
+        self._cut_s = math.inf
+        self.a_s = self.b_s = self.margin_s = 0.0
+        self.fast_ratio = 1.0
+        self.resets += 1
+        self._dirty = 0
 
     @property
     def fitted(self) -> bool:
@@ -131,8 +173,10 @@ class LatencyModel:
         return self.count > 0
 
     def _line(self) -> None:
-        """Least squares from the running sums."""
-        k = len(self._n)
+        """Least squares from the running sums (inliers only)."""
+        k = self._k_in
+        if k == 0:
+            return
         sn, sl, snn, snl = self._sums
         var_n = snn - sn * sn / k
         if var_n <= 1e-9 * max(snn, 1.0):  # one batch size seen: latency proportional to size
@@ -144,22 +188,39 @@ class LatencyModel:
                 a, b = 0.0, snl / snn
         self.a_s, self.b_s = a, b
 
-    def _refit(self) -> None:
-        """Exact sums, the line, and the residual quantile (a sort of the window)."""
-        self._dirty = 0
+    def _set_sums(self, keep: list[bool]) -> None:
         ns, ls = self._n, self._lat
+        pairs = [(x, y) for x, y, k in zip(ns, ls, keep, strict=True) if k]
+        self._in = keep
+        self._k_in = len(pairs)
         self._sums = [
-            float(sum(ns)),
-            sum(ls),
-            float(sum(x * x for x in ns)),
-            sum(x * y for x, y in zip(ns, ls, strict=True)),
+            float(sum(x for x, _ in pairs)),
+            sum(y for _, y in pairs),
+            float(sum(x * x for x, _ in pairs)),
+            sum(x * y for x, y in pairs),
         ]
         self._line()
+
+    def _refit(self) -> None:
+        """Exact sums, the outlier cutoff, the robust line, and the residual quantile."""
+        self._dirty = 0
+        ns, ls = self._n, self._lat
+        k = len(ns)
+        self._set_sums([True] * k)  # first the line through every batch in the window
+        for _ in range(2):  # then through the batches within the cutoff of it (twice)
+            a, b = self.a_s, self.b_s
+            residuals = [y - (a + b * x) for x, y in zip(ns, ls, strict=True)]
+            ordered = sorted(residuals)
+            med = ordered[k // 2]
+            mad = sorted(abs(r - med) for r in residuals)[k // 2]
+            self._cut_s = med + max(5.0 * 1.4826 * mad, 0.25 * sum(ls) / k, 2e-5)
+            self._set_sums([r <= self._cut_s for r in residuals])
         a, b = self.a_s, self.b_s
         residuals = sorted(y - (a + b * x) for x, y in zip(ns, ls, strict=True))
-        k = len(ns)
         idx = min(k - 1, int(math.ceil(self.quantile * k)) - 1)
         self.margin_s = max(residuals[max(idx, 0)], 0.0)
+        ratios = sorted(y / (a + b * x) for x, y in zip(ns, ls, strict=True) if a + b * x > 0)
+        self.fast_ratio = min(1.0, ratios[len(ratios) // 10]) if ratios else 1.0
 
     def predict_s(self, batch_size: int) -> float:
         """Predicted tail latency of a batch of ``batch_size`` (0.0 before any observation)."""
@@ -172,6 +233,11 @@ class LatencyModel:
         if self.count == 0:
             return 0.0
         return self.a_s + self.b_s * batch_size
+
+    def fast_s(self, batch_size: int) -> float:
+        """Latency of a batch of ``batch_size`` when the machine is quick: the 10th percentile
+        of the window's latencies relative to the line, times the line (0.0 before any)."""
+        return self.fast_ratio * self.mean_s(batch_size)
 
     def largest_fitting(self, remaining_s: float, max_batch_size: int) -> int:
         """The largest batch in ``[1, max_batch_size]`` whose predicted latency fits."""
@@ -189,6 +255,9 @@ class LatencyModel:
             "a_ms": self.a_s * 1e3,
             "b_ms": self.b_s * 1e3,
             "margin_ms": self.margin_s * 1e3,
+            "fast_ratio": self.fast_ratio,
+            "outliers": self.outliers,
+            "resets": self.resets,
         }
 
 
@@ -260,6 +329,18 @@ class AIMDBatcher:
 
     def batch_size(self, remaining_s: float | None = None) -> int:
         return int(self.limit)
+
+    def calibrate(self, model: LatencyModel) -> None:
+        """Start from the largest batch whose fitted latency meets the target.
+
+        Additive increase from one query takes a batch per step to find the batch size that a
+        loaded replica needs (60 batches to reach 60), and a burst that comes before then
+        meets batches far smaller than the model could take. The server measures a few
+        warm-up batches before a replica serves and starts the controller where they say;
+        AIMD adjusts from there.
+        """
+        if model.count:
+            self.limit = float(model.largest_fitting(self.target_s, self.max_batch_size))
 
     def observe(self, batch_size: int, latency_s: float) -> None:
         if latency_s > self.target_s:
