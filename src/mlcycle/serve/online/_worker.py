@@ -17,6 +17,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -201,9 +202,9 @@ def process_main(sock: socket.socket) -> None:
     """A worker process: load the model, then answer batches until told to stop or EOF.
 
     Messages in: ("load", factory, args, method, threads) once, then ("batch", id, inputs) or
-    ("stop",). Out: ("ready", meta) or ("error", msg) once, then ("ok", id, outputs) or
-    ("fail", id, msg) per batch. The parent's death closes the socket, so an orphaned worker
-    exits by itself.
+    ("stop",). Out: ("ready", meta) or ("error", msg) once, then ("ok", id, outputs, seconds)
+    or ("fail", id, msg, seconds) per batch, ``seconds`` the model's own time on the batch.
+    The parent's death closes the socket, so an orphaned worker exits by itself.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
     first = _recv_frame(sock)
@@ -222,12 +223,13 @@ def process_main(sock: socket.socket) -> None:
         if msg is None or msg[0] == "stop":
             return
         _, batch_id, inputs = msg
+        start = time.perf_counter()
         try:
-            reply = ("ok", batch_id, fn(inputs))
-            frame = encode_frame(reply)
+            out = fn(inputs)
+            frame = encode_frame(("ok", batch_id, out, time.perf_counter() - start))
         except Exception as exc:
             text = str(exc) if isinstance(exc, ModelError) else f"{type(exc).__name__}: {exc}"
-            frame = encode_frame(("fail", batch_id, text))
+            frame = encode_frame(("fail", batch_id, text, time.perf_counter() - start))
         sock.sendall(frame)
 
 
@@ -240,11 +242,15 @@ class RayWorker:
     def ready(self) -> dict[str, Any]:
         return self._meta
 
-    def predict_batch(self, inputs: list[Any]) -> tuple[bool, Any]:
+    def predict_batch(self, inputs: list[Any]) -> tuple[bool, Any, float]:
+        """(ok, outputs or the error's message, the model's seconds on the batch)."""
+        start = time.perf_counter()
         try:
-            return True, self._fn(inputs)
+            out = self._fn(inputs)
         except Exception as exc:
-            return False, str(exc) if isinstance(exc, ModelError) else repr(exc)
+            msg = str(exc) if isinstance(exc, ModelError) else repr(exc)
+            return False, msg, time.perf_counter() - start
+        return True, out, time.perf_counter() - start
 
     def pid(self) -> int:
         import os

@@ -5,7 +5,9 @@ batch-prediction interface so that the layers above (batching, caching, selectio
 where the model lives. Here a :class:`Replica` is that interface:
 
 - ``await replica.start()`` builds the model from its factory string (and returns metadata);
-- ``await replica.predict_batch(inputs)`` returns one output per input;
+- ``await replica.predict_batch(inputs)`` returns one output per input, and leaves the
+  model's own time for the batch (measured where the model runs, without the hop to it or
+  the wait for the event loop) in ``replica.last_compute_s``;
 - ``await replica.stop()`` releases it; ``await replica.restart()`` after a crash.
 
 Kinds:
@@ -38,6 +40,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -86,6 +89,7 @@ class Replica(ABC):
         self.restarts = 0
         self.alive = False
         self.on_lost: Callable[[], None] | None = None  # called when the replica dies by itself
+        self.last_compute_s: float | None = None  # the model's time on the last batch
 
     @abstractmethod
     async def start(self) -> dict[str, Any]:
@@ -170,11 +174,13 @@ class ThreadReplica(Replica):
         loop.call_soon_threadsafe(_resolve, ready, True, meta)
         get = jobs.get
         call = loop.call_soon_threadsafe
+        perf = time.perf_counter
         while True:
             job = get()
             if job is None:
                 return
             inputs, fut = job
+            start = perf()
             try:
                 out = fn(inputs)
                 ok = True
@@ -182,6 +188,7 @@ class ThreadReplica(Replica):
                 out, ok = exc, False
             except Exception as exc:
                 out, ok = ModelError(f"{type(exc).__name__}: {exc}"), False
+            self.last_compute_s = perf() - start  # read by the loop once the future resolves
             try:
                 call(_resolve, fut, ok, out)
             except RuntimeError:  # the loop closed under us: the server is gone
@@ -272,6 +279,8 @@ class ProcessReplica(Replica):
     def _on_message(self, msg: tuple[Any, ...]) -> None:
         tag = msg[0]
         if tag == "ok" or tag == "fail":
+            if len(msg) > 3:
+                self.last_compute_s = msg[3]
             fut = self._pending.pop(msg[1], None)
             if fut is not None and not fut.done():
                 if tag == "ok":
@@ -445,7 +454,9 @@ class RayReplica(Replica):
         if not self.alive or self._actor is None:
             raise ReplicaCrashed(f"Ray replica {self.index} of {self.config.key} is not running")
         try:
-            ok, value = await self._await(self._actor.predict_batch.remote(inputs))
+            ok, value, self.last_compute_s = await self._await(
+                self._actor.predict_batch.remote(inputs)
+            )
         except Exception as exc:
             errors = self._ray.exceptions
             if isinstance(exc, errors.RayActorError | errors.WorkerCrashedError):
