@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from mlcycle.serve.online._config import ModelConfig
 from mlcycle.serve.online._metrics import ModelMetrics
-from mlcycle.serve.online._runtime import REJECTED, TIMEOUT, InputRejected, ModelRuntime
+from mlcycle.serve.online._runtime import (
+    LATE,
+    PROBE_AFTER,
+    REJECTED,
+    TIMEOUT,
+    InputRejected,
+    ModelRuntime,
+)
 from mlcycle.serve.online.cache import PredictionCache
 from mlcycle.serve.online.replicas import ModelError, ReplicaCrashed, ThreadReplica
 
@@ -105,6 +113,121 @@ def test_a_saved_scikit_learn_model_is_served_from_its_file(tmp_path) -> None:
         loop = asyncio.get_running_loop()
         out = await rt.submit(x[0].tolist(), loop.time() + 5.0)
         assert len(out) == 3 and max(range(3), key=out.__getitem__) == y[0]  # predict_proba
+        await rt.stop()
+
+    asyncio.run(main())
+
+
+def test_start_warms_up_and_seeds_the_controller() -> None:
+    async def main() -> None:
+        rt = runtime(
+            "sleepy",
+            args={"base_ms": 1.0, "per_item_ms": 0.1, "input_shape": [2]},
+            batching={"policy": "aimd", "max_batch_size": 32},
+        )
+        await rt.start()
+        assert rt.ready and rt.info()["ready"]
+        assert rt.compute.count == 4 and rt.latency.count == 4  # sizes 1 and 32, twice
+        assert rt._slots[0].controller.batch_size() > 1  # AIMD starts where the fit says
+        assert rt.metrics.batches == 0  # warm-up batches are not traffic
+        await rt.stop()
+        cold = runtime("noop")  # no input shape: nothing to warm up with
+        await cold.start()
+        assert cold.ready and cold.compute.count == 0
+        await cold.stop()
+
+    asyncio.run(main())
+
+
+def test_admission_admits_a_burst_that_one_batch_can_serve() -> None:
+    """40 queries at once on a 10 ms model: one batch answers them all well in time, so none
+    may get the default (counting them one batch each, or at a controller still at its start,
+    refused most)."""
+
+    async def main() -> None:
+        rt = runtime(
+            "sleepy",
+            args={"base_ms": 10.0, "per_item_ms": 0.05, "input_shape": [1]},
+            batching={"policy": "aimd", "max_batch_size": 64},
+        )
+        await rt.start()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures = [rt.submit([i], now + 0.080) for i in range(40)]
+        assert await asyncio.gather(*futures) == [[i] for i in range(40)]
+        await rt.stop()
+
+    asyncio.run(main())
+
+
+def test_admission_counts_the_model_time_not_a_busy_event_loop() -> None:
+    """A batch whose answer waits for a blocked event loop looks slow to the loop, but the
+    queue drains at the model's pace: the admission estimate must not grow with the loop's
+    delays (that feedback refused ever more queries under load)."""
+
+    async def main() -> None:
+        rt = runtime(
+            "sleepy", args={"base_ms": 5.0, "input_shape": [1]}, batching={"policy": "none"}
+        )
+        await rt.start()
+        loop = asyncio.get_running_loop()
+        for i in range(3):
+            fut = rt.submit([i], loop.time() + 1.0)
+            while rt._slots[0].busy_until == 0.0:  # until the batch is on the replica
+                await asyncio.sleep(0)
+            time.sleep(0.040)  # the loop is stuck, the model is not
+            assert await fut == [i]
+        assert rt.latency.count == 5 and max(rt.latency._lat) > 0.030  # the loop saw 40 ms
+        assert rt.compute.mean_s(1) < 0.015  # the model took ~5 ms
+        now = loop.time()
+        queued = [rt.submit([i], now + 1.0) for i in range(5)]
+        assert rt.predicted_finish(now) - now < 0.070  # 6 batches of ~5 ms, not of ~40 ms
+        assert await asyncio.gather(*queued) == [[i] for i in range(5)]
+        await rt.stop()
+
+    asyncio.run(main())
+
+
+def test_a_query_that_became_late_is_answered_before_the_model_would_run_it() -> None:
+    async def main() -> None:
+        rt = runtime(
+            "sleepy", args={"base_ms": 30.0, "input_shape": [1]}, batching={"policy": "none"}
+        )
+        await rt.start()  # the fit learns ~30 ms per batch
+        batches = rt.metrics.batches
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        first = rt.submit(["a"], now + 1.0)
+        second = rt.submit(["b"], now + 0.090)  # two batches of 30 ms fit: admitted
+        assert not second.done()
+        while rt._slots[0].busy_until == 0.0:
+            await asyncio.sleep(0)
+        time.sleep(0.070)  # the loop is stuck: when "a" is done, "b" has 20 ms left
+        assert await second is LATE
+        assert loop.time() < now + 0.090  # answered then, not at its deadline
+        assert await first == ["a"]
+        assert rt.metrics.batches == batches + 1  # "b" never reached the model
+        assert rt.metrics.late == 1
+        await rt.stop()
+
+    asyncio.run(main())
+
+
+def test_a_stale_fit_that_drops_every_query_is_probed_and_recovers() -> None:
+    """A fit learned in a slow spell (here: 500 ms for a 2 ms model) must not keep the model
+    idle forever: after a few late drops in a row a lone query runs, and its quick answer
+    resets the fit."""
+
+    async def main() -> None:
+        rt = runtime("sleepy", args={"base_ms": 2.0}, batching={"policy": "none"})
+        await rt.start()
+        for _ in range(10):
+            rt.compute.observe(1, 0.5)
+        loop = asyncio.get_running_loop()
+        answers = [await rt.submit(i, loop.time() + 0.050) for i in range(PROBE_AFTER + 3)]
+        assert answers[:PROBE_AFTER] == [LATE] * PROBE_AFTER
+        assert answers[PROBE_AFTER:] == [PROBE_AFTER, PROBE_AFTER + 1, PROBE_AFTER + 2]
+        assert rt.compute.resets == 1 and rt.compute.mean_s(1) < 0.05
         await rt.stop()
 
     asyncio.run(main())

@@ -86,6 +86,7 @@ class ModelMetrics:
         self.cache_misses = 0
         self.batches = 0
         self.model_errors = 0
+        self.late = 0  # dropped before the model ran: could not finish by the deadline
         self.restarts = 0
         self.replicas = 0
         self.batch_size = Histogram(BATCH_BUCKETS)
@@ -154,6 +155,12 @@ def render(
     ]
     head("mlcycle_model_errors_total", "counter", "Batches on which the model raised.")
     out += [f"mlcycle_model_errors_total{{{lab}}} {m.model_errors}" for lab, m, _ in model_items]
+    head(
+        "mlcycle_model_late_total",
+        "counter",
+        "Queries left out of a batch (default answer): they could not finish by the deadline.",
+    )
+    out += [f"mlcycle_model_late_total{{{lab}}} {m.late}" for lab, m, _ in model_items]
     head("mlcycle_model_restarts_total", "counter", "Replica restarts after a crash.")
     out += [f"mlcycle_model_restarts_total{{{lab}}} {m.restarts}" for lab, m, _ in model_items]
     head("mlcycle_model_replicas", "gauge", "Replicas running.")

@@ -208,8 +208,8 @@ def openapi_schema() -> dict[str, Any]:
         },
         "/health": {
             "get": {
-                "summary": "Liveness and replica counts",
-                "responses": {"200": _json(obj, "The server is up")},
+                "summary": "Readiness (every model loaded and warmed up) and replica counts",
+                "responses": {"200": _json(obj, "status 'ok' when ready, else 'starting'")},
             }
         },
         "/metrics": {

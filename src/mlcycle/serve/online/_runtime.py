@@ -3,9 +3,27 @@
 Queries for a model wait in one queue; each replica runs its own batching loop with its own
 controller (Clipper Sec. 4.3) and takes the next batch whenever it is free, so work goes to
 whichever replica frees up first (late binding) and a crashed or restarting replica strands no
-queued query. Every query carries its deadline; a timer answers it with the marked default at
-the deadline if no model has, and admission control refuses at once a query whose predicted
-finish (queue ahead, batch sizes, the fitted batch latency) is past its deadline.
+queued query. Every query carries its deadline, and three things keep the promise that it is
+answered by then, by the model or with the marked default:
+
+- the *deadline timer* answers it with the default at the deadline if no model has (the safety
+  net; Clipper likewise answers at the deadline with what it has);
+- *admission control* refuses at once a query that cannot be answered in time even if the
+  queue drains quickly: the queries ahead served a controller's batch at a time, each batch
+  at the model's own time on a quick day (the 10th percentile of recent batches, relative to
+  the robust latency fit) plus the typical hop to the replica. The model's time is measured
+  where the model runs, and a quick day is what the model has shown it can do, so neither
+  grows when the event loop is busy: a loop that is slow because it is answering refused
+  queries must not make the queue look slower and refuse more (with closed-loop clients,
+  which resend at once, that feedback turned 95% of the answers into defaults at 32 clients);
+- a query that can no longer finish by its deadline when its batch is formed is answered with
+  the default then and left out of the batch, so the model's time goes to queries that can
+  still make it.
+
+Before a replica serves, it runs warm-up batches of zeros of the model's input shape (when
+known): the first call of a torch model allocates and is slow, and the measured batches seed
+the latency fits and the AIMD controller, so a freshly started server answers its first queries
+with the model.
 
 A replica that crashes is restarted with back-off; the queries of its in-flight batch go back
 to the front of the queue once, and get the default if they were already retried. A batch on
@@ -52,7 +70,9 @@ class _Reason:
 TIMEOUT = _Reason("deadline")  # the deadline timer fired first
 CRASHED = _Reason("crash")  # the replica crashed twice under the query
 REJECTED = _Reason("admission")  # predicted to miss the deadline; never queued
+LATE = _Reason("late")  # could no longer finish by its deadline when its batch was formed
 STOPPED = _Reason("undeployed")  # the model went away while the query waited
+PROBE_AFTER = 8  # late drops in a row, no batch between: run the next one (the fit may be stale)
 
 
 class InputRejected(Exception):
@@ -123,7 +143,13 @@ class ModelRuntime:
         self.metrics = metrics
         self.target_s = target_s
         self.wait_s = config.batching.wait_ms / 1e3
-        self.latency = LatencyModel()
+        self.latency = LatencyModel()  # batch latency as the loop sees it (the controllers')
+        self.compute = LatencyModel()  # the model's own time per batch (admission, late drops)
+        self.hop_s = 0.0  # typical per-batch time outside the model (dispatch, wake-up, pipes)
+        self._hops: deque[float] = deque(maxlen=64)
+        self._hop_k = 0
+        self.ready = False  # every replica loaded and warmed up
+        self._drops = 0  # queries dropped as late since the last batch started
         self.input_shape: list[int] | None = config.input_shape
         self.meta: dict[str, Any] = {}
         self._ray = (ray_address, ray_num_cpus)
@@ -160,8 +186,72 @@ class ModelRuntime:
             raise errors[0]
         self._adopt_meta(slots[0].replica.meta)
         for slot in slots:
+            await self._warm(slot, measure=True)
+        for slot in slots:
             self._launch(slot)
         self.metrics.replicas = len(self._slots)
+        self.ready = True
+
+    def _warm_input(self) -> Any:
+        """Zeros of the model's input shape, or None when the shape is unknown."""
+        shape = self.input_shape
+        if not shape:
+            return None
+        x: Any = 0.0
+        for d in reversed(shape):
+            x = [x] * d
+        return x
+
+    async def _warm(self, slot: _Slot, *, measure: bool) -> None:
+        """Run warm-up batches on a replica before it serves; ``measure``: feed the fits.
+
+        One batch of one query and one of the largest batch size, which a model's first calls
+        need (allocations, lazy initialisation), then, when measuring, each size twice more for
+        the latency fits and the controller's starting point. A model whose input shape is not
+        known gets no warm-up; one that refuses zeros is logged and serves cold.
+        """
+        x = self._warm_input()
+        if x is None:
+            return
+        b = self.config.batching
+        sizes = [1] if b.policy == "none" or b.max_batch_size == 1 else [1, b.max_batch_size]
+        replica = slot.replica
+        perf = time.perf_counter
+        try:
+            for n in sizes:
+                await replica.predict_batch([x] * n)
+            if not measure:
+                return
+            for _ in range(2):
+                for n in sizes:
+                    start = perf()
+                    replica.last_compute_s = None
+                    await replica.predict_batch([x] * n)
+                    elapsed = perf() - start
+                    self._observe(n, elapsed, replica.last_compute_s)
+        except (ModelError, ReplicaCrashed) as exc:
+            log.warning("%s: warm-up batch failed (%s); serving without one", self.key, exc)
+            return
+        calibrate = getattr(slot.controller, "calibrate", None)
+        if calibrate is not None:
+            calibrate(self.latency)
+
+    def _observe(self, size: int, elapsed_s: float, compute_s: float | None) -> None:
+        """Feed one batch's latency (as the loop saw it) and the model's own time to the fits."""
+        if compute_s is None or compute_s > elapsed_s:
+            compute_s = elapsed_s
+        self.latency.observe(size, elapsed_s)
+        self.compute.observe(size, compute_s)
+        hops = self._hops
+        hops.append(elapsed_s - compute_s)
+        self._hop_k += 1
+        if self._hop_k >= 16 or len(hops) <= 8:  # a low quantile: the hop without loop delays
+            self._hop_k = 0
+            self.hop_s = sorted(hops)[len(hops) // 10]
+
+    def cost_s(self, batch_size: int) -> float:
+        """The typical time a batch of ``batch_size`` keeps a replica: model plus hop."""
+        return self.compute.mean_s(batch_size) + self.hop_s
 
     def _adopt_meta(self, meta: dict[str, Any]) -> None:
         self.meta = meta
@@ -187,6 +277,8 @@ class ModelRuntime:
             if errors:
                 await asyncio.gather(*(s.replica.stop() for s in new), return_exceptions=True)
                 raise errors[0]
+            for slot in new:
+                await self._warm(slot, measure=True)
             for slot in new:
                 self._launch(slot)
         elif n < len(self._slots):
@@ -231,16 +323,18 @@ class ModelRuntime:
     # ---- submitting ------------------------------------------------------------------------
 
     def predicted_finish(self, now: float) -> float:
-        """When a query queued now would be answered (loop time), from the latency fit.
+        """When a query queued now would be answered (loop time) if the queue drains quickly:
+        the queries ahead go ``max_batch_size`` at a time (one without batching) over the live
+        replicas, each batch at the model's quick-day time (:meth:`LatencyModel.fast_s`) plus
+        the hop, after the batch in flight. Not AIMD's current limit: it shrinks when batches
+        are slow, and a busy spell would then make the queue look longer and refuse more.
 
-        Batches count at their mean fitted latency, not the p99: admission refuses only what
-        is expected to miss, and the deadline timer answers the unlucky tail. (With the p99, a
-        few batches slowed by a busy machine made the margin exceed the whole budget and every
-        queued query was refused.) An idle replica with an empty queue always admits, so the
-        fit keeps learning after a slow spell and a model slower than the SLO still gets its
-        chance.
+        This is an optimistic estimate on purpose: admission refuses only what cannot make its
+        deadline, and what the estimate lets through but the machine is too slow for gets the
+        default from its deadline timer, or when its batch is formed. An idle replica with an
+        empty queue always admits, so the fit keeps learning after a slow spell and a model
+        slower than the SLO still gets its chance.
         """
-        lat = self.latency
         queue = self._queue
         live = 0
         idle = False
@@ -256,13 +350,14 @@ class ModelRuntime:
                 free_at = busy_until
         if not live:  # restarting: queue it, the deadline timer guards; no replicas: refuse
             return now if self._slots else math.inf
-        if lat.count == 0 or (idle and not queue):
+        if self.compute.count == 0 or (idle and not queue):
             return now
-        bs = max(1, self._slots[0].controller.batch_size(None))
+        bs = self._slots[0].controller.max_batch_size
         q = len(queue) + 1
         start = now if idle or free_at < now else free_at
         rounds = -(-q // (bs * live))  # ceil
-        return start + (rounds - 1) * lat.mean_s(bs) + lat.mean_s(min(q, bs))
+        fast, hop = self.compute.fast_s, self.hop_s
+        return start + (rounds - 1) * (fast(bs) + hop) + fast(min(q, bs)) + hop
 
     def submit(self, x: Any, deadline: float, digest: bytes | None = None) -> asyncio.Future[Any]:
         """Queue one input; the future resolves to the output or a :class:`_Reason`.
@@ -318,63 +413,104 @@ class ModelRuntime:
         queue = self._queue
         replica = slot.replica
         ctrl = slot.controller
-        metrics = self.metrics
-        perf = time.perf_counter
         while not self._closing:
             if not replica.alive:  # died while idle: restart before taking work
                 await self._on_crash(slot, [], ReplicaCrashed(f"replica {replica.index} died"))
                 continue
-            while queue and queue[0].future.done():  # answered by their deadline timers
-                queue.popleft().timer.cancel()  # type: ignore[union-attr]
-            if not queue:
-                waiter = loop.create_future()
-                self._idle.append(waiter)
-                await waiter
-                continue
             now = loop.time()
-            remaining = queue[0].deadline - now
-            n = ctrl.batch_size(remaining)
-            if self.wait_s > 0.0 and len(queue) < n:  # delayed batching: wait for a fuller one
-                await self._delay(loop, n, remaining)
-            batch: list[Query] = []
-            while queue and len(batch) < n:
-                q = queue.popleft()
-                if q.future.done():
-                    q.timer.cancel()  # type: ignore[union-attr]
-                else:
-                    batch.append(q)
-            if not batch:
-                continue
-            size = len(batch)
-            start = perf()
-            slot.busy_until = loop.time() + self.latency.predict_s(size)
-            slot.busy_n = size
-            try:
-                outputs = await replica.predict_batch([q.input for q in batch])
-            except ReplicaCrashed as exc:
-                slot.busy_until = 0.0
-                await self._on_crash(slot, batch, exc)
-                continue
-            except ModelError as exc:
-                slot.busy_until = 0.0
-                metrics.model_errors += 1
-                await self._isolate(replica, batch, exc)
-                continue
-            except asyncio.CancelledError:
-                for q in batch:  # retired while busy: let another replica take them
-                    queue.appendleft(q)
-                raise
-            elapsed = perf() - start
+            probe = self._drop_hopeless(now)
+            if not queue:
+                if probe is None:
+                    waiter = loop.create_future()
+                    self._idle.append(waiter)
+                    await waiter
+                    continue
+                if probe.deadline <= now or self._drops < PROBE_AFTER:
+                    self._late(probe)
+                    continue
+                batch = [probe]  # dropped after dropped, no batch: the fit may be stale
+            else:
+                if probe is not None:
+                    self._late(probe)
+                remaining = queue[0].deadline - now
+                n = ctrl.batch_size(remaining)
+                if self.wait_s > 0.0 and len(queue) < n:  # delayed batching: a fuller batch
+                    await self._delay(loop, n, remaining)
+                    now = loop.time()
+                finish = now + self.cost_s(min(n, len(queue)))
+                batch = []
+                while queue and len(batch) < n:
+                    q = queue.popleft()
+                    if q.future.done():
+                        q.timer.cancel()  # type: ignore[union-attr]
+                    elif q.deadline < finish:
+                        self._late(q)
+                    else:
+                        batch.append(q)
+                if not batch:
+                    continue
+            await self._run(loop, slot, batch)
+
+    def _drop_hopeless(self, now: float) -> Query | None:
+        """Pop answered queries and those that cannot finish even alone from the head of the
+        queue; the hopeless ones get the default, but for the last, which is returned."""
+        queue = self._queue
+        floor = now + self.cost_s(1)
+        probe = None
+        while queue:
+            q = queue[0]
+            if q.future.done():  # answered by its deadline timer
+                queue.popleft()
+                q.timer.cancel()  # type: ignore[union-attr]
+            elif q.deadline < floor:
+                queue.popleft()
+                if probe is not None:
+                    self._late(probe)
+                probe = q
+            else:
+                break
+        return probe
+
+    def _late(self, q: Query) -> None:
+        self.metrics.late += 1
+        self._drops += 1
+        self._finish(q, LATE)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, slot: _Slot, batch: list[Query]):
+        """One batch on the slot's replica; answers its queries (or retries them)."""
+        replica = slot.replica
+        size = len(batch)
+        self._drops = 0
+        start = time.perf_counter()
+        slot.busy_until = loop.time() + self.cost_s(size)
+        slot.busy_n = size
+        replica.last_compute_s = None
+        try:
+            outputs = await replica.predict_batch([q.input for q in batch])
+        except ReplicaCrashed as exc:
             slot.busy_until = 0.0
-            ctrl.observe(size, elapsed)
-            self.latency.observe(size, elapsed)
-            metrics.observe_batch(size, elapsed)
-            cache = self.cache
-            name, version = self.name, self.version
-            for q, out in zip(batch, outputs, strict=True):
-                if q.digest is not None:
-                    cache.put(name, version, q.digest, out)
-                self._finish(q, out)
+            await self._on_crash(slot, batch, exc)
+            return
+        except ModelError as exc:
+            slot.busy_until = 0.0
+            self.metrics.model_errors += 1
+            await self._isolate(replica, batch, exc)
+            return
+        except asyncio.CancelledError:
+            for q in reversed(batch):  # retired while busy: let another replica take them
+                self._queue.appendleft(q)
+            raise
+        elapsed = time.perf_counter() - start
+        slot.busy_until = 0.0
+        slot.controller.observe(size, elapsed)
+        self._observe(size, elapsed, replica.last_compute_s)
+        self.metrics.observe_batch(size, elapsed)
+        cache = self.cache
+        name, version = self.name, self.version
+        for q, out in zip(batch, outputs, strict=True):
+            if q.digest is not None:
+                cache.put(name, version, q.digest, out)
+            self._finish(q, out)
 
     async def _delay(self, loop: asyncio.AbstractEventLoop, n: int, remaining: float) -> None:
         """Wait up to ``wait_s`` for the queue to reach ``n``, when waiting has been paying off.
@@ -422,6 +558,7 @@ class ModelRuntime:
             while not self._closing:
                 try:
                     await slot.replica.restart()
+                    await self._warm(slot, measure=False)
                     return
                 except Exception as err:  # noqa: BLE001 - keep trying, the model may come back
                     log.warning(
@@ -473,6 +610,9 @@ class ModelRuntime:
                 "target_ms": self.target_s * 1e3,
                 "batch_sizes": [s.controller.batch_size(None) for s in self._slots],
                 "latency_fit": self.latency.to_dict(),
+                "compute_fit": self.compute.to_dict(),
+                "hop_ms": self.hop_s * 1e3,
             },
+            "ready": self.ready,
             "replicas": [s.replica.info() for s in self._slots],
         }

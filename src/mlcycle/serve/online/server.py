@@ -406,13 +406,20 @@ class Server:
     # ---- health and metrics ----------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        """Liveness plus a one-line view of every model's replicas."""
+        """Readiness plus a one-line view of every model's replicas.
+
+        ``"status": "ok"`` once every configured model has loaded and run its warm-up batch
+        (the server starts listening only then, so a client that can connect gets a ready
+        server); ``"starting"`` before.
+        """
+        ready = self.started and all(rt.ready for rt in self.models.values())
         return {
-            "status": "ok" if self.started else "starting",
+            "status": "ok" if ready else "starting",
             "apps": sorted(self.apps),
             "models": {
                 name: {
                     "version": rt.version,
+                    "ready": rt.ready,
                     "replicas_alive": sum(1 for s in rt._slots if s.replica.alive),
                     "replicas": len(rt._slots),
                 }
