@@ -38,6 +38,12 @@ def mlp(
 ) -> Any:
     """Linear-ReLU-Linear-ReLU-Linear with a softmax output, in eval mode.
 
+    The weights come from a private ``torch.Generator`` seeded with ``seed``, drawn in the
+    order and from the distributions of ``nn.Linear``'s own initialisation, so they equal those
+    of the same layers built after ``torch.manual_seed(seed)`` (the serving peers' MLP in
+    ``benchmarks/_serve_peers.py``), whatever else uses torch's global generator, and two MLPs
+    built at once in one process (two replicas, two versions) get the same weights.
+
     Args:
         in_features: input width; the module's ``input_shape`` is ``[in_features]``.
         hidden: width of both hidden layers.
@@ -45,21 +51,26 @@ def mlp(
         seed: weight initialisation seed.
         threads: torch intra-op threads (``torch.set_num_threads``).
     """
+    import math
+
     import torch
     from torch import nn
 
     torch.set_num_threads(threads)
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Linear(in_features, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Linear(hidden, classes),
-        nn.Softmax(dim=-1),
-    ).eval()
-    torch.random.set_rng_state(gen_state)
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    widths = [(in_features, hidden), (hidden, hidden), (hidden, classes)]
+    for i, (fan_in, fan_out) in enumerate(widths):
+        # built on the meta device: no draw from the global generator, no wasted init
+        linear = nn.Linear(fan_in, fan_out, device="meta").to_empty(device="cpu")
+        with torch.no_grad():  # nn.Linear.reset_parameters, with our generator
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=gen)
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(linear.bias, -bound, bound, generator=gen)
+        layers.append(linear)
+        if i < len(widths) - 1:
+            layers.append(nn.ReLU())
+    model = nn.Sequential(*layers, nn.Softmax(dim=-1)).eval()
     model.input_shape = [in_features]  # read by the server to check inputs at the frontend
     return model
 
