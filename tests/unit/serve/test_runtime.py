@@ -231,3 +231,21 @@ def test_a_stale_fit_that_drops_every_query_is_probed_and_recovers() -> None:
         await rt.stop()
 
     asyncio.run(main())
+
+
+def test_logged_outputs_leave_the_garbage_collector_nothing_to_walk() -> None:
+    """Query-log entries of numbers become untracked at the first collection (lists as
+    tuples), so serving adds nothing for the oldest generation's full collections to walk."""
+    import gc
+
+    from mlcycle.serve.online._apps import QueryLog
+    from mlcycle.serve.online.selection import zero_one_loss
+
+    log = QueryLog(4)
+    name = "".join(["m"])  # as at query time: a record built then, not a code constant
+    log.add("1", "app", ("single", name), [0.2, 0.8], None)
+    log.add("2", "app", ("single", name), [[1, 2], [3]], None)
+    gc.collect()
+    assert not gc.is_tracked(log.get("1")) and not gc.is_tracked(log.get("2"))
+    assert log.get("1")[2] == (0.2, 0.8) and zero_one_loss(log.get("1")[2], 1) == 0.0
+    assert log.get("2")[2] == ((1, 2), (3,))

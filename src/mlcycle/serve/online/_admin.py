@@ -37,7 +37,7 @@ from mlcycle.serve.online._config import AppConfig, ConfigError, ModelConfig
 from mlcycle.serve.online._metrics import ModelMetrics
 from mlcycle.serve.online._runtime import ModelRuntime
 from mlcycle.serve.online._worker import ModelLoadError, resolve_factory
-from mlcycle.serve.online.server import HTTPError, _method_not_allowed
+from mlcycle.serve.online.server import HTTPError, _method_not_allowed, settle_heap
 
 if TYPE_CHECKING:
     from mlcycle.serve.online.server import Server
@@ -67,6 +67,8 @@ async def start_model(server: Server, config: ModelConfig) -> ModelRuntime:
     if old is not None:
         await old.stop(successor=rt)
     _replace_config(server, config)
+    if server.started:  # a deploy at runtime: freeze the new model's objects too
+        settle_heap(collect=False)
     return rt
 
 

@@ -328,8 +328,25 @@ class OutputError(RuntimeError):
     """A policy could not use the models' outputs (a server-side configuration error)."""
 
 
+def _atomic(x: Any) -> Any:
+    """Lists (nested too) as tuples, so that a log entry of numbers holds no list.
+
+    The garbage collector stops tracking a tuple of numbers and strings at its first young
+    collection; a list it tracks for ever. Tens of thousands of logged outputs as lists would
+    sit in the oldest generation, and every full collection would walk them all, pausing the
+    server for tens of milliseconds at a time.
+    """
+    if type(x) is list:
+        return tuple([_atomic(v) for v in x])
+    return x
+
+
 class QueryLog:
-    """The last ``capacity`` queries: id -> (app, how it was answered, output)."""
+    """The last ``capacity`` queries: id -> (app, how it was answered, output).
+
+    Outputs are kept with lists turned into tuples (see :func:`_atomic`), which the feedback
+    path reads alike.
+    """
 
     def __init__(self, capacity: int = 65536) -> None:
         self.capacity = capacity
@@ -342,7 +359,7 @@ class QueryLog:
         if self.capacity == 0:
             return
         entries = self._entries
-        entries[qid] = (app, record, output)
+        entries[qid] = (app, record, _atomic(output))
         if len(entries) > self.capacity:
             entries.popitem(last=False)
         if digest is not None:
