@@ -239,13 +239,15 @@ class LatencyModel:
         of the window's latencies relative to the line, times the line (0.0 before any)."""
         return self.fast_ratio * self.mean_s(batch_size)
 
-    def largest_fitting(self, remaining_s: float, max_batch_size: int) -> int:
-        """The largest batch in ``[1, max_batch_size]`` whose predicted latency fits."""
+    def largest_fitting(self, remaining_s: float, max_batch_size: int, *, tail: bool = True) -> int:
+        """The largest batch in ``[1, max_batch_size]`` whose predicted latency fits: the
+        tail latency (:meth:`predict_s`), or with ``tail=False`` the typical one."""
         if self.count == 0:
             return 1
         if self.b_s <= 0.0:
             return max_batch_size
-        n = int((remaining_s - self.a_s - self.margin_s) / self.b_s + 1e-9)  # float noise
+        margin = self.margin_s if tail else 0.0
+        n = int((remaining_s - self.a_s - margin) / self.b_s + 1e-9)  # float noise
         return max(1, min(max_batch_size, n))
 
     def to_dict(self) -> dict[str, Any]:
@@ -331,7 +333,7 @@ class AIMDBatcher:
         return int(self.limit)
 
     def calibrate(self, model: LatencyModel) -> None:
-        """Start from the largest batch whose fitted latency meets the target.
+        """Start from the largest batch whose typical fitted latency meets the target.
 
         Additive increase from one query takes a batch per step to find the batch size that a
         loaded replica needs (60 batches to reach 60), and a burst that comes before then
@@ -339,8 +341,9 @@ class AIMDBatcher:
         warm-up batches before a replica serves and starts the controller where they say;
         AIMD adjusts from there.
         """
-        if model.count:
-            self.limit = float(model.largest_fitting(self.target_s, self.max_batch_size))
+        if model.count:  # typical latency, as the target is checked against each batch
+            fit = model.largest_fitting(self.target_s, self.max_batch_size, tail=False)
+            self.limit = float(fit)
 
     def observe(self, batch_size: int, latency_s: float) -> None:
         if latency_s > self.target_s:
