@@ -38,6 +38,7 @@ from typing import Any
 
 from mlcycle.serve.online._apps import AppRuntime, InputError, OutputError, QueryLog
 from mlcycle.serve.online._config import ConfigError, ServerConfig
+from mlcycle.serve.online._lag import LoopLag
 from mlcycle.serve.online._metrics import ModelMetrics, render
 from mlcycle.serve.online._runtime import ModelRuntime
 from mlcycle.serve.online.cache import PredictionCache
@@ -138,6 +139,7 @@ class Server:
         self.started = False
         self.startup_error: str | None = None
         self._qid = 0
+        self.lag = LoopLag()  # how far behind the loop runs: requests are that much older
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admin_lock: asyncio.Lock | None = None
         self._openapi: bytes | None = None
@@ -163,10 +165,12 @@ class Server:
             await self.shutdown()
             raise
         settle_heap(collect=True)
+        self.lag.start(self._loop)
         self.started = True
 
     async def shutdown(self) -> None:
         """Stop every replica (worker processes and Ray actors included)."""
+        self.lag.stop()
         models, self.models = list(self.models.values()), {}
         await asyncio.gather(*(m.stop() for m in models), return_exceptions=True)
         if any(m.config.kind == "ray" for m in models):
@@ -332,8 +336,11 @@ class Server:
     # ---- predict and feedback --------------------------------------------------------------
 
     async def _predict(self, app: AppRuntime, scope: dict[str, Any], receive: Any, send: Any):
-        t0 = self._loop.time()  # type: ignore[union-attr]  # deadlines: the loop's clock
-        p0 = perf_counter()  # latency: uvloop's clock ticks in whole milliseconds
+        # deadlines on the loop's clock, from when the request arrived: as far back as the
+        # loop is behind (the time it waited unseen in the socket and the ready queue)
+        lag = self.lag.lag_s
+        t0 = self._loop.time() - lag  # type: ignore[union-attr]
+        p0 = perf_counter() - lag  # latency: uvloop's clock ticks in whole milliseconds
         data = await self.read_json(scope, receive)
         if type(data) is not dict or ("input" in data) == ("inputs" in data):
             app.metrics.client_errors += 1
@@ -433,7 +440,12 @@ class Server:
         queues = {rt.key: rt.queue_length for rt in self.models.values()}
         models = {k: (m, queues.get(k, 0)) for k, m in self.model_metrics.items()}
         apps = {n: a.metrics for n, a in self.apps.items()}
-        extra = {"cache_entries": len(self.cache), "cache_capacity": self.cache.capacity}
+        extra = {
+            "cache_entries": len(self.cache),
+            "cache_capacity": self.cache.capacity,
+            "loop_lag_seconds": self.lag.lag_s,
+            "loop_lag_max_seconds": self.lag.max_lag_s,
+        }
         return render(apps, models, extra)
 
     # ---- running ---------------------------------------------------------------------------
