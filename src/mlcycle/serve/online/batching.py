@@ -71,7 +71,7 @@ class LatencyModel:
     which over-estimates larger batches and so errs on the safe side until they are observed.
 
     The line is robust: batches slower than the line by more than a cutoff (five robust
-    standard deviations of the residuals, from their median absolute deviation, and at least a
+    standard deviations of the residuals, from their interquartile range, and at least a
     quarter of the mean latency) are left out of it. On a busy machine a batch descheduled for
     a time slice can take ten times its usual latency; a few of those would otherwise pull the
     mean of a window far above what most batches take. The outliers still count in the tail
@@ -87,7 +87,7 @@ class LatencyModel:
         refit_every: recompute the cutoff and the residual quantile after this many batches.
     """
 
-    def __init__(self, window: int = 256, quantile: float = 0.99, refit_every: int = 32) -> None:
+    def __init__(self, window: int = 256, quantile: float = 0.99, refit_every: int = 64) -> None:
         if window < 2:
             raise ValueError(f"window must be >= 2 batches, got {window}")
         if not 0.0 < quantile < 1.0:
@@ -109,7 +109,7 @@ class LatencyModel:
         self.a_s = 0.0  # fixed cost per batch
         self.b_s = 0.0  # cost per query in the batch
         self.margin_s = 0.0  # residual quantile
-        self.fast_ratio = 1.0  # the 10th percentile of latency over the line
+        self.fast_margin_s = 0.0  # the residuals' 10th percentile (<= 0)
 
     def observe(self, batch_size: int, latency_s: float) -> None:
         """Add one measured batch."""
@@ -162,8 +162,7 @@ class LatencyModel:
         self._next = 0
         self._sums = [0.0, 0.0, 0.0, 0.0]
         self._cut_s = math.inf
-        self.a_s = self.b_s = self.margin_s = 0.0
-        self.fast_ratio = 1.0
+        self.a_s = self.b_s = self.margin_s = self.fast_margin_s = 0.0
         self.resets += 1
         self._dirty = 0
 
@@ -202,25 +201,30 @@ class LatencyModel:
         self._line()
 
     def _refit(self) -> None:
-        """Exact sums, the outlier cutoff, the robust line, and the residual quantile."""
+        """Exact sums, the outlier cutoff, the robust line, and the residual quantiles.
+
+        Residuals are taken from the current robust line (from the line through every batch
+        while the window is young); the cutoff is their median plus five robust standard
+        deviations (from the interquartile range); the line is refitted through the batches
+        within it. Two sorts of the window in all.
+        """
         self._dirty = 0
         ns, ls = self._n, self._lat
         k = len(ns)
-        self._set_sums([True] * k)  # first the line through every batch in the window
-        for _ in range(2):  # then through the batches within the cutoff of it (twice)
-            a, b = self.a_s, self.b_s
-            residuals = [y - (a + b * x) for x, y in zip(ns, ls, strict=True)]
-            ordered = sorted(residuals)
-            med = ordered[k // 2]
-            mad = sorted(abs(r - med) for r in residuals)[k // 2]
-            self._cut_s = med + max(5.0 * 1.4826 * mad, 0.25 * sum(ls) / k, 2e-5)
-            self._set_sums([r <= self._cut_s for r in residuals])
+        if k <= 8 or self._k_in == 0:
+            self._set_sums([True] * k)  # a young window: start from the line through all
         a, b = self.a_s, self.b_s
-        residuals = sorted(y - (a + b * x) for x, y in zip(ns, ls, strict=True))
+        residuals = [y - (a + b * x) for x, y in zip(ns, ls, strict=True)]
+        ordered = sorted(residuals)
+        med = ordered[k // 2]
+        spread = (ordered[(3 * k) // 4] - ordered[k // 4]) / 1.349  # a normal's IQR in SDs
+        self._cut_s = med + max(5.0 * spread, 0.25 * sum(ls) / k, 2e-5)
+        self._set_sums([r <= self._cut_s for r in residuals])
+        a, b = self.a_s, self.b_s
+        ordered = sorted(y - (a + b * x) for x, y in zip(ns, ls, strict=True))
         idx = min(k - 1, int(math.ceil(self.quantile * k)) - 1)
-        self.margin_s = max(residuals[max(idx, 0)], 0.0)
-        ratios = sorted(y / (a + b * x) for x, y in zip(ns, ls, strict=True) if a + b * x > 0)
-        self.fast_ratio = min(1.0, ratios[len(ratios) // 10]) if ratios else 1.0
+        self.margin_s = max(ordered[max(idx, 0)], 0.0)
+        self.fast_margin_s = min(ordered[k // 10], 0.0)
 
     def predict_s(self, batch_size: int) -> float:
         """Predicted tail latency of a batch of ``batch_size`` (0.0 before any observation)."""
@@ -235,9 +239,10 @@ class LatencyModel:
         return self.a_s + self.b_s * batch_size
 
     def fast_s(self, batch_size: int) -> float:
-        """Latency of a batch of ``batch_size`` when the machine is quick: the 10th percentile
-        of the window's latencies relative to the line, times the line (0.0 before any)."""
-        return self.fast_ratio * self.mean_s(batch_size)
+        """Latency of a batch of ``batch_size`` when the machine is quick: the line plus the
+        residuals' 10th percentile, and at least half the line (0.0 before any batch)."""
+        mean = self.mean_s(batch_size)
+        return max(mean + self.fast_margin_s, 0.5 * mean)
 
     def largest_fitting(self, remaining_s: float, max_batch_size: int, *, tail: bool = True) -> int:
         """The largest batch in ``[1, max_batch_size]`` whose predicted latency fits: the
@@ -257,7 +262,7 @@ class LatencyModel:
             "a_ms": self.a_s * 1e3,
             "b_ms": self.b_s * 1e3,
             "margin_ms": self.margin_s * 1e3,
-            "fast_ratio": self.fast_ratio,
+            "fast_margin_ms": self.fast_margin_s * 1e3,
             "outliers": self.outliers,
             "resets": self.resets,
         }
