@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from mlcycle._version import __version__
+from mlcycle.develop._cli import tune
 from mlcycle.serve.online._cli import serve_app
 from mlcycle.train.lowbit._cli import lowbit_app
 
@@ -29,6 +30,9 @@ remat_app = typer.Typer(
 app.add_typer(remat_app, name="remat")
 app.add_typer(serve_app, name="serve")  # defined beside the server; imports typer and stdlib only
 app.add_typer(lowbit_app, name="lowbit")
+app.command(help="Find the best model by a deadline on a pool of atoms (HyperSched on Ray Tune).")(
+    tune
+)
 
 SolverOpt = Annotated[
     str, typer.Option("--solver", help="auto | greedy | milp | cpsat | a baseline name")
