@@ -339,6 +339,7 @@ class ServerProcess:
         cores: Sequence[int] | None = None,
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
+        nice: int = 0,
     ) -> None:
         self.name = name
         self.url = url
@@ -350,6 +351,8 @@ class ServerProcess:
         def preexec() -> None:
             if cpu:
                 os.sched_setaffinity(0, cpu)
+            if nice:
+                os.nice(nice)
 
         self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -387,6 +390,29 @@ class ServerProcess:
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s: {self.tail()}")
+
+    def move(self, cores: Sequence[int] | None, nice: int = 0) -> str | None:
+        """Pin every thread of the server and its descendants to ``cores`` and set their
+        niceness to ``nice`` (a server started in the background at a low priority, moved
+        where it is measured). Returns what could not be done (lowering niceness needs
+        privileges), or None."""
+        problems: set[str] = set()
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+            except OSError:
+                continue
+            for tid in tids:  # affinity and niceness are per thread on Linux
+                try:
+                    if cores:
+                        os.sched_setaffinity(tid, set(cores))
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
+                except PermissionError as exc:
+                    problems.add(f"{type(exc).__name__}: {exc.strerror}")
+                except (ProcessLookupError, OSError):
+                    continue
+        self._track()
+        return "; ".join(sorted(problems)) or None
 
     def probe(self, body: bytes) -> Any:
         """POST ``body`` once to the server's URL and return the decoded JSON answer."""
