@@ -109,6 +109,9 @@ class HyperSched(TrialScheduler):
         admission_atoms: the atoms a new trial is assumed to run on when admission control
             asks whether it can still reach the top rung by the deadline (None:
             ``base_atoms``, the atoms it starts on). Larger values explore longer.
+        backfill: after admission has closed, still admit a new trial onto atoms the
+            allocation plan gives no existing trial (they would otherwise sit idle), while
+            it can reach the first rung. False: strictly no new trials once closed.
         scaling: speedup curve, a function ``atoms -> speedup`` or a table ``{atoms:
             speedup}``; None measures it from the trials' iteration times.
         prior_serial_fraction: Amdahl serial fraction assumed before measurements (when
@@ -139,6 +142,7 @@ class HyperSched(TrialScheduler):
         base_atoms: int = 1,
         max_atoms_per_trial: int | None = None,
         admission_atoms: int | None = None,
+        backfill: bool = True,
         scaling: Speedup | Mapping[int, float] | None = None,
         prior_serial_fraction: float = 0.1,
         resize_overhead_s: float = 10.0,
@@ -185,6 +189,7 @@ class HyperSched(TrialScheduler):
         self.base_atoms = base_atoms
         self.max_atoms_per_trial = cap
         self.admission_atoms = admit
+        self.backfill = bool(backfill)
         self.scaling = ScalingModel(scaling, prior_serial_fraction=prior_serial_fraction)
         self.overhead = OverheadEstimator(resize_overhead_s)
         self.min_gain_iters = min_gain_iters
@@ -325,20 +330,43 @@ class HyperSched(TrialScheduler):
     def admits_new_trial(self) -> bool:
         """Whether a searcher may create a new trial now.
 
-        True while admission is open (:func:`~mlcycle.develop._policy.admits_new_trial`),
-        ``base_atoms`` are free, and no paused trial is waiting for promotion (ASHA promotes
-        before it grows the bottom rung).
+        While admission is open (:func:`~mlcycle.develop._policy.admits_new_trial`): when
+        ``base_atoms`` are free and no paused trial is waiting for promotion (ASHA promotes
+        before it grows the bottom rung). Once it has closed, only with ``backfill``: onto
+        atoms the allocation plan gives no existing trial (they would sit idle), while a new
+        trial can still reach the first rung.
         """
         now = self._now()
         self._update_admission(now)
-        if not self.admission_open or self.free_atoms < self.base_atoms:
+        if self.free_atoms < self.base_atoms:
             return False
-        return not self._promotable()
+        if self.admission_open:
+            return not self._promotable()
+        if not self._can_backfill(now):
+            return False
+        plan = self._plan(now)
+        wanted = sum(
+            max(0, plan.get(s.trial_id, 0) - (s.atoms if s.status in (_PENDING, _RUNNING) else 0))
+            for s in self._states.values()
+        )
+        if self.free_atoms - wanted < self.base_atoms:
+            return False
+        self._log(now, "backfill")
+        return True
 
     def admission_closed(self) -> bool:
-        """True once admission control has closed for good (no trial will be admitted)."""
-        self._update_admission(self._now())
-        return not self.admission_open
+        """True once no trial will ever be admitted again: admission control has closed and
+        backfill is off, or not even the first rung can be reached any more."""
+        now = self._now()
+        self._update_admission(now)
+        return not self.admission_open and not self._can_backfill(now)
+
+    def _can_backfill(self, now: float) -> bool:
+        if not self.backfill:
+            return False
+        typical = self.scaling.typical_iter_s_one_atom() or 0.0
+        first_rung_s = self.milestones[0] * typical / max(self.scaling(self.base_atoms), 1e-9)
+        return self.deadline_at - now >= self.overhead.estimate_s + first_rung_s
 
     # ------------------------------------------------------------------ accounting
 

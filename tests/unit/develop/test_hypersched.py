@@ -65,7 +65,7 @@ def report(sched: HyperSched, trial: FakeTrial, it: int, acc: float, iter_s: flo
 
 def test_admission_stops_when_a_new_trial_could_not_reach_the_top_rung() -> None:
     clock = Clock()
-    sched = make(clock)
+    sched = make(clock, backfill=False)
     a = FakeTrial("a")
     sched.on_trial_add(None, a)
     assert sched.admits_new_trial()  # nothing measured yet, 3 atoms free
@@ -79,6 +79,31 @@ def test_admission_stops_when_a_new_trial_could_not_reach_the_top_rung() -> None
     clock.t = 37.0
     assert not sched.admits_new_trial()  # closed for good
     assert sched.summary()["admission_closed_at_s"] == pytest.approx(36.5)
+
+
+def test_backfill_admits_only_onto_atoms_no_trial_can_use() -> None:
+    clock = Clock()
+    sched = make(clock, atoms=2, max_t=27)
+    a = FakeTrial("a")
+    sched.on_trial_add(None, a)
+    sched.on_trial_add(None, FakeTrial("b"))
+    clock.t = 4.0
+    assert report(sched, a, 1, 0.5, iter_s=2.0) == CONTINUE
+    sched.overhead.observations_s[:] = [10.0]
+    clock.t = 50.0  # 50 s left: a new trial would need 10 s + 54 s to reach the top rung
+    assert sched.admission_closed() is False  # closed to ordinary admission, not backfill
+    assert not sched.admission_open
+    sched.on_trial_remove(None, sched._trials["b"])  # b's atom is free
+    # a needs 52 s on one atom for its 26 iterations left; on two, after a 10 s restart,
+    # 40 s * 2 / 2 = 40 >= 26: the plan wants the free atom, so no backfill.
+    assert not sched.admits_new_trial()
+    clock.t = 4.0 + 24 * 2.0  # a at iteration 25: 2 left, one atom is plenty
+    assert report(sched, a, 25, 0.9, iter_s=2.0) == CONTINUE
+    assert sched.admits_new_trial()  # the free atom would idle: backfill
+    assert sched.summary()["events"]["backfill"] == 1
+    clock.t = 89.0  # 11 s left: 10 s to start + 2 s to the first rung do not fit
+    assert not sched.admits_new_trial()
+    assert sched.admission_closed()
 
 
 def test_admission_waits_for_free_atoms_and_for_promotions() -> None:
@@ -145,7 +170,7 @@ def exploiting(clock: Clock, overhead_s: float) -> tuple[HyperSched, FakeTrial, 
     sched.overhead.observations_s[:] = [overhead_s]  # as if restarts had been measured
     clock.t = 60.0
     assert report(sched, b, 27, 0.5, 2.0) == STOP  # top rung: done
-    assert not sched.admits_new_trial()  # 40 s cannot take a new trial to the top rung
+    assert not sched.admission_open  # 40 s cannot take a new trial to the top rung
     return sched, a, b
 
 
