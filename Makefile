@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS ?= dev,serve,cluster
+EXTRAS ?= dev,serve,cluster,tune
 
 .PHONY: demo test bench lint format clean setup
 
