@@ -69,7 +69,7 @@ def _lowbit(quick: bool, ctx: dict[str, Any]) -> str:
 def _tune(quick: bool, ctx: dict[str, Any]) -> str:
     from mlcycle.develop import demo_tune
 
-    r = demo_tune(deadline_s=20.0 if quick else 60.0)
+    r = demo_tune(deadline_s=40.0 if quick else 90.0)  # Ray and gloo start-up come first
     ctx["digits_config"] = r["best_config"]
     return str(r["summary"])
 
