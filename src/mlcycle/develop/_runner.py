@@ -484,7 +484,8 @@ def build_report(
 
 
 def plot_report(report: TuneReport, path: str | Path) -> Path:
-    """Accuracy against time for every trial; resizes marked with the new atom count."""
+    """Accuracy against time for every trial; resizes marked with the new atom count, and
+    pauses and restarts drawn dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -497,26 +498,42 @@ def plot_report(report: TuneReport, path: str | Path) -> Path:
     for i, (tid, pts) in enumerate(sorted(report.curves.items())):
         if not pts:
             continue
-        ts = [p[0] for p in pts]
-        accs = [p[2] for p in pts]
         best = tid == report.best_trial
+        color = "black" if best else cmap(i % 20)
+        style = {"color": color, "lw": 2.2 if best else 0.9, "alpha": 1.0 if best else 0.7}
+        gaps = [b[0] - a[0] for a, b in zip(pts, pts[1:], strict=False)]
+        typical = sorted(gaps)[len(gaps) // 2] if gaps else 0.0
+        segment = [pts[0]]
+        for a, b, gap in zip(pts, pts[1:], gaps, strict=False):
+            if gap > max(3 * typical, 2.0):  # paused or restarting: a dotted bridge
+                ax.plot([a[0], b[0]], [a[2], b[2]], ls=":", **{**style, "lw": 0.8})
+                ax.plot([p[0] for p in segment], [p[2] for p in segment], **style)
+                segment = []
+            segment.append(b)
         ax.plot(
-            ts,
-            accs,
-            color="black" if best else cmap(i % 20),
-            lw=2.2 if best else 0.9,
+            [p[0] for p in segment],
+            [p[2] for p in segment],
             marker="o" if len(pts) == 1 else None,
             ms=3,
-            alpha=1.0 if best else 0.7,
             label=f"best: {tid}" if best else None,
+            **style,
         )
         for a, b in zip(pts, pts[1:], strict=False):
             if a[3] != b[3]:
                 ax.scatter([b[0]], [b[2]], marker="^", s=50, color="crimson", zorder=5)
                 ax.annotate(f"{b[3]}", (b[0], b[2]), textcoords="offset points", xytext=(3, 4))
     ax.axvline(report.deadline_s, color="gray", ls="--", lw=1)
-    ax.text(report.deadline_s, ax.get_ylim()[0], " deadline", color="gray", va="bottom")
+    ax.text(
+        report.deadline_s,
+        0.98,
+        "deadline ",
+        color="gray",
+        ha="right",
+        va="top",
+        transform=ax.get_xaxis_transform(),
+    )
     ax.scatter([], [], marker="^", color="crimson", label="resize (new atom count)")
+    ax.plot([], [], ls=":", color="gray", label="paused or restarting")
     ax.set_xlabel("seconds since start")
     ax.set_ylabel("validation accuracy" if report.workload == "digits" else "accuracy")
     best = "-" if report.best_accuracy is None else f"{report.best_accuracy:.4f}"
