@@ -90,13 +90,16 @@ def demo_tune(
         console: a ``rich`` console for live progress; None is silent.
 
     Returns:
-        ``best_config`` (``lr``, ``momentum``, ``weight_decay``, ``seed``: the settings of
-        :func:`mlcycle.develop._digits.build_model` and its SGD, or None when no trial
-        reported in time), ``best_accuracy`` (validation accuracy at the deadline),
+        ``best_config`` (the searched ``lr``, ``momentum``, ``weight_decay`` and ``seed``
+        plus the workload's fixed ``width`` and ``batch_size``: everything
+        :func:`mlcycle.develop._digits.build_model` and its SGD need to train the same model
+        again; None when no trial reported in time), ``best_accuracy`` (validation accuracy
+        at the deadline),
         ``trials_run``, ``atom_utilisation``, ``resizes``, ``deadline_s``, ``atoms``,
         ``wall_s`` and ``summary`` (one line for a table).
     """
     from mlcycle.develop._runner import run_tune
+    from mlcycle.develop._workloads import workload_spec
 
     atoms = atoms if atoms is not None else max(1, min(2, os.cpu_count() or 1))
     report = run_tune(
@@ -117,8 +120,11 @@ def demo_tune(
             f"best validation accuracy {report.best_accuracy:.3f} "
             f"(lr {lr:.3g}, {report.best_iterations} epochs, {report.resizes} resizes)"
         )
+    best_config = None
+    if report.best_config is not None:
+        best_config = {**workload_spec("digits").constants, **report.best_config}
     return {
-        "best_config": report.best_config,
+        "best_config": best_config,
         "best_accuracy": report.best_accuracy,
         "best_iterations": report.best_iterations,
         "trials_run": report.trials_run,
