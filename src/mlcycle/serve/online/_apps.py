@@ -140,6 +140,7 @@ class AppRuntime:
         self.default = config.default
         self.use_cache = config.cache
         self.keep_digest = config.cache or config.policy in ("exp3", "exp4")
+        self.shed_json: dict[str, bytes] = {}  # reason -> pre-encoded default (server's door)
 
     # ---- answering -------------------------------------------------------------------------
 
@@ -191,15 +192,7 @@ class AppRuntime:
         if isinstance(out, _Reason):
             m.default(out.why)
             self._log.add(qid, self.name, ("default",), None, digest)
-            return {
-                "query_id": qid,
-                "output": self.default,
-                "default": True,
-                "model": None,
-                "cached": False,
-                "confidence": None,
-                "reason": out.why,
-            }
+            return self.default_answer(qid, out)
         m.answers += 1
         if cached:
             m.cache_hits += 1
@@ -213,6 +206,27 @@ class AppRuntime:
             "cached": cached,
             "confidence": confidence,
         }
+
+    def default_answer(self, qid: str, reason: _Reason) -> dict[str, Any]:
+        """The response fields of a query answered with the app's default."""
+        return {
+            "query_id": qid,
+            "output": self.default,
+            "default": True,
+            "model": None,
+            "cached": False,
+            "confidence": None,
+            "reason": reason.why,
+        }
+
+    def refused(self, reason: _Reason) -> str:
+        """Count and log a query given the default before it was parsed; its id."""
+        m = self.metrics
+        m.requests += 1
+        m.default(reason.why)
+        qid = self._next_id()
+        self._log.add(qid, self.name, ("default",), None, None)
+        return qid
 
     async def _ensemble(self, x: Any, deadline: float, digest: bytes | None) -> tuple[Any, ...]:
         names = list(self.config.models)

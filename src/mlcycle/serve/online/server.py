@@ -40,7 +40,9 @@ from mlcycle.serve.online._apps import AppRuntime, InputError, OutputError, Quer
 from mlcycle.serve.online._config import ConfigError, ServerConfig
 from mlcycle.serve.online._lag import LoopLag
 from mlcycle.serve.online._metrics import ModelMetrics, render
+from mlcycle.serve.online._query import REJECTED, _Reason
 from mlcycle.serve.online._runtime import ModelRuntime
+from mlcycle.serve.online._shed import ARRIVAL, OVERLOAD, FrontendLoad
 from mlcycle.serve.online.cache import PredictionCache
 
 __all__ = [
@@ -140,6 +142,7 @@ class Server:
         self.startup_error: str | None = None
         self._qid = 0
         self.lag = LoopLag()  # how far behind the loop runs: requests are that much older
+        self.frontend = FrontendLoad(lag=self.lag)  # predict requests in hand, their cost
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admin_lock: asyncio.Lock | None = None
         self._openapi: bytes | None = None
@@ -166,6 +169,7 @@ class Server:
             raise
         settle_heap(collect=True)
         self.lag.start(self._loop)
+        self.frontend.restart()  # start-up's CPU time is no request's cost
         self.started = True
 
     async def shutdown(self) -> None:
@@ -191,7 +195,13 @@ class Server:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            if ARRIVAL not in scope:
+                await self._http(scope, receive, send)
+                return
+            try:  # counted in by the door (the shedding protocol): counted out here
+                await self._http(scope, receive, send)
+            finally:
+                self.frontend.leave()
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -335,13 +345,95 @@ class Server:
 
     # ---- predict and feedback --------------------------------------------------------------
 
+    # ---- the door: defaults decided before the body is parsed ------------------------------
+
+    def door_app(self, url: bytes) -> AppRuntime | None:
+        """The app a raw ``/{app}/predict`` URL names, or None (then uvicorn's path decides)."""
+        name = url[1:-8]
+        if not name or b"/" in name or b"%" in name or b"?" in name:
+            return None
+        return self.apps.get(name.decode("latin-1"))
+
+    def shed_reason(self, app: AppRuntime, t0: float, now: float) -> _Reason | None:
+        """Why a query of ``app`` that arrived at ``t0`` gets the default at once, or None.
+
+        ``"overload"`` when the frontend's backlog alone (:class:`FrontendLoad`) would answer it
+        after its deadline; ``"admission"`` when every model the app links would refuse it at
+        admission (their queues cannot make the deadline). Both are decided before the body is
+        parsed, so under a burst a default costs a fraction of an answer.
+        """
+        deadline = t0 + app.budget_s
+        if self.frontend.backlog_s() > self.frontend.headroom * (deadline - now):
+            return OVERLOAD
+        names = app.config.models
+        if not names:
+            return None
+        models = self.models
+        for name in names:
+            rt = models.get(name)
+            if rt is None or (not rt._closing and rt.predicted_finish(now) <= deadline):
+                return None
+        return REJECTED
+
+    def shed_payload(self, app: AppRuntime, reason: _Reason, p0: float) -> bytes:
+        """The JSON body of a default given at the door, counted like any default."""
+        head = app.shed_json.get(reason.why)
+        if head is None:
+            fields = {"output": app.default, "default": True, "model": None, "cached": False}
+            fields |= {"confidence": None, "reason": reason.why}
+            head = b'",' + dumps(fields)[1:-1] + b',"latency_ms":'
+            app.shed_json[reason.why] = head
+        qid = app.refused(reason)
+        elapsed = perf_counter() - p0
+        m = app.metrics
+        m.latency.observe(elapsed)
+        if elapsed > app.slo_s:
+            m.slo_misses += 1
+        return b'{"query_id":"' + qid.encode() + head + dumps(elapsed * 1e3) + b"}"
+
     async def _predict(self, app: AppRuntime, scope: dict[str, Any], receive: Any, send: Any):
+        arrival = scope.get(ARRIVAL)
+        if arrival is not None:  # the door saw it first (the shedding protocol)
+            await self._predict_at(app, scope, receive, send, *arrival)
+            return
         # deadlines on the loop's clock, from when the request arrived: as far back as the
         # loop is behind (the time it waited unseen in the socket and the ready queue)
         lag = self.lag.lag_s
-        t0 = self._loop.time() - lag  # type: ignore[union-attr]
+        now = self._loop.time()  # type: ignore[union-attr]
+        t0 = now - lag
         p0 = perf_counter() - lag  # latency: uvloop's clock ticks in whole milliseconds
-        data = await self.read_json(scope, receive)
+        reason = self.shed_reason(app, t0, now)
+        self.frontend.enter()
+        try:
+            await self._predict_at(app, scope, receive, send, t0, p0, reason)
+        finally:
+            self.frontend.leave()
+
+    async def _predict_at(
+        self,
+        app: AppRuntime,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+        t0: float,
+        p0: float,
+        shed: _Reason | None,
+    ) -> None:
+        """Answer a predict request that arrived at loop time ``t0`` (``p0`` on perf_counter);
+        ``shed``: the door's reason to give it the default at once, or None."""
+        body = await self.read_body(scope, receive)
+        if shed is not None and b'"inputs"' not in body:  # one query: no need to parse it
+            self.frontend.refused()
+            await _send(send, 200, self.shed_payload(app, shed, p0), [_JSON])
+            return
+        try:
+            data = loads(body)
+        except _DecodeError as exc:
+            raise HTTPError(
+                400,
+                f"request body is not valid JSON ({exc}); send e.g. "
+                '{"input": [0.1, 0.2]} with content-type application/json',
+            ) from None
         if type(data) is not dict or ("input" in data) == ("inputs" in data):
             app.metrics.client_errors += 1
             raise HTTPError(
@@ -353,10 +445,12 @@ class Server:
             if "input" in data:
                 result = await app.answer(data["input"], t0)
             else:
-                result = await self._predict_many(app, data["inputs"], t0)
+                result = await self._predict_many(app, data["inputs"], t0, shed)
         except InputError as exc:
             app.metrics.client_errors += 1
             raise HTTPError(422, str(exc)) from None
+        if result["default"] is True:  # a default costs the loop less than an answer
+            self.frontend.refused()
         elapsed = perf_counter() - p0
         result["latency_ms"] = elapsed * 1e3
         m = app.metrics
@@ -372,7 +466,9 @@ class Server:
             ) from None
         await _send(send, 200, body, [_JSON])
 
-    async def _predict_many(self, app: AppRuntime, xs: Any, t0: float) -> dict[str, Any]:
+    async def _predict_many(
+        self, app: AppRuntime, xs: Any, t0: float, shed: _Reason | None = None
+    ) -> dict[str, Any]:
         if type(xs) is not list or not xs:
             raise InputError('"inputs" must be a non-empty list of inputs, e.g. [[0.1], [0.2]]')
         if len(xs) > self.config.max_inputs:
@@ -380,7 +476,11 @@ class Server:
                 f'"inputs" holds {len(xs)} queries; the limit is {self.config.max_inputs} per '
                 "request (max_inputs in the server config); split the request"
             )
-        results = await asyncio.gather(*(app.answer(x, t0) for x in xs), return_exceptions=True)
+        if shed is not None:
+            self.frontend.refused()
+            results: list[Any] = [app.default_answer(app.refused(shed), shed) for _ in xs]
+        else:
+            results = await asyncio.gather(*(app.answer(x, t0) for x in xs), return_exceptions=True)
         for i, r in enumerate(results):
             if isinstance(r, InputError):
                 raise InputError(f"inputs[{i}]: {r}")
@@ -445,6 +545,9 @@ class Server:
             "cache_capacity": self.cache.capacity,
             "loop_lag_seconds": self.lag.lag_s,
             "loop_lag_max_seconds": self.lag.max_lag_s,
+            "frontend_inflight": self.frontend.inflight,
+            "frontend_cost_seconds": self.frontend.cost_s,
+            "frontend_cpu_share": self.frontend.share,
         }
         return render(apps, models, extra)
 
@@ -456,11 +559,17 @@ class Server:
         import uvicorn
 
         has = importlib.util.find_spec
+        if has("httptools"):
+            from mlcycle.serve.online._shed import protocol_class
+
+            http: Any = protocol_class(self)  # httptools, with defaults decided at the door
+        else:
+            http = "h11"
         return uvicorn.Server(
             uvicorn.Config(
                 self,
                 loop="uvloop" if has("uvloop") else "asyncio",
-                http="httptools" if has("httptools") else "h11",
+                http=http,
                 lifespan="on",
                 access_log=False,
                 proxy_headers=False,  # no X-Forwarded-* rewriting layer per request

@@ -1,0 +1,250 @@
+"""Defaults at the door: refusing a query before its body is parsed, and the frontend's backlog.
+
+Under a burst the HTTP frontend, not the model, is what runs out: on this project's 2-core
+machine (server pinned to one core) the batched 1024-unit MLP costs ~0.035 ms per query while
+answering one costs the event loop 0.15-0.25 ms of HTTP, JSON and scheduling work. A gamma
+(CV 4) clump of a few hundred queries therefore takes longer than a 50 ms SLO to answer even
+though the model keeps up, and admission control that looks only at the model's queue lets
+them all in. Two things here make the defaults go out in time:
+
+- :class:`FrontendLoad` counts the predict requests the frontend holds (read, not yet answered)
+  and measures what one costs the process (CPU seconds per request, over windows of 64
+  requests in which the process was busy at least half the time and nothing was shed, so
+  neither idle time nor cheap refusals skew it; a window with refusals can only lower it, to
+  its CPU time over the requests it answered, so an estimate that is too high, which would
+  shed everything and measure nothing, corrects itself). On a shared machine the process gets
+  only part of its core: the share it got in windows where the event loop had work all along
+  (its heartbeat late throughout) turns CPU time into wall time. ``inflight * cost_s / share``
+  is the work queued ahead of a new request. Its answer also waits for the requests that
+  arrive after it and are read before its model output is back (in a clump, about as many
+  again), so when the backlog exceeds ``headroom`` (half) of the time left to its deadline,
+  the request gets the default (reason ``"overload"``) instead of a place in the line.
+- :func:`protocol_class` decides at the HTTP protocol, when a request's headers are in: if the
+  app's deadline cannot be met (the backlog above, or every linked model's queue refusing at
+  admission), the body is never parsed, no ASGI task or scope is made, and a response built
+  from pre-encoded pieces is written straight to the socket. Profiled with py-spy (refused
+  queries at 32 closed-loop clients), the ASGI path spent about a fifth of its time parsing
+  the JSON body, a quarter in uvicorn's ``send`` and a sixth in creating the request's task and
+  cycle; the door skips all three.
+
+A shed query still counts everywhere an answered one does: the app's requests, its defaults by
+reason, its latency histogram and SLO misses, and the query log (so ``/feedback`` on its id
+works). Its body is not read as JSON, so under overload a malformed body gets the default
+rather than a 400/422, and a cached answer is not looked up (the lookup needs the parsed
+input, and parsing is the work that is short).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from mlcycle.serve.online._query import _Reason
+
+if TYPE_CHECKING:
+    from mlcycle.serve.online._lag import LoopLag
+    from mlcycle.serve.online.server import Server
+
+OVERLOAD = _Reason("overload")  # the frontend's backlog alone would take it past its deadline
+ARRIVAL = "mlcycle.arrival"  # scope key: (t0, p0, shed reason or None) set at the door
+
+
+class FrontendLoad:
+    """The predict requests the frontend holds, and the process CPU time one costs.
+
+    Args:
+        window: requests per measurement of :attr:`cost_s`.
+        min_busy: a window counts only when the process ran at least this share of its wall
+            time, or the loop was behind all along (at low load the heartbeat and idle
+            wake-ups would inflate the cost).
+        lag: the event loop's heartbeat; a window that ends with the loop behind measures
+            :attr:`share`.
+        headroom: the share of the time left to a deadline that the backlog may fill.
+    """
+
+    __slots__ = (
+        "inflight",
+        "cost_s",
+        "share",
+        "window",
+        "min_busy",
+        "lag",
+        "headroom",
+        "_n",
+        "_shed",
+        "_cpu0",
+        "_wall0",
+    )
+    # _n: requests that left the frontend in this window, _shed: of them given the default
+
+    def __init__(
+        self,
+        window: int = 64,
+        min_busy: float = 0.5,
+        lag: LoopLag | None = None,
+        headroom: float = 0.5,
+    ) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1 requests, got {window}")
+        if not 0.0 < headroom <= 1.0:
+            raise ValueError(f"headroom must be in (0, 1] (of the time left), got {headroom}")
+        self.inflight = 0  # predict requests read and not yet answered
+        self.cost_s = 0.0  # process CPU seconds per request under load; 0 until measured
+        self.share = 1.0  # of the wall time, the CPU time the process gets when it has work
+        self.window = window
+        self.min_busy = min_busy
+        self.lag = lag
+        self.headroom = headroom
+        self._n = 0
+        self._shed = 0
+        self._cpu0 = time.process_time()
+        self._wall0 = time.perf_counter()
+
+    def restart(self) -> None:
+        """Start a fresh window (the server starts serving: loading the models is no request's
+        cost)."""
+        self._n = self._shed = 0
+        self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
+
+    def backlog_s(self) -> float:
+        """Seconds of work the frontend has in hand (what a request read now waits behind)."""
+        return self.inflight * self.cost_s / self.share
+
+    def enter(self) -> None:
+        self.inflight += 1
+
+    def leave(self) -> None:
+        """A held request was answered."""
+        self.inflight -= 1
+        self._n += 1
+        if self._n >= self.window:
+            self._measure()
+
+    def refused(self) -> None:
+        """A held request is being given the default (counted when it leaves)."""
+        self._shed += 1
+
+    def shed(self) -> None:
+        """A request was answered at the door (the window's cost no longer reflects answers)."""
+        self._shed += 1
+        self._n += 1
+        if self._n >= self.window:
+            self._measure()
+
+    def _measure(self) -> None:
+        cpu, wall = time.process_time(), time.perf_counter()
+        busy_s, span_s = cpu - self._cpu0, wall - self._wall0
+        behind = self.lag is not None and self.lag.lag_s > 0.0
+        if behind and span_s > 0.0:
+            got = min(1.0, max(0.1, busy_s / span_s))
+            self.share = 0.7 * self.share + 0.3 * got
+        if not self._shed:
+            if span_s > 0.0 and (behind or busy_s >= self.min_busy * span_s):
+                cost = busy_s / self._n
+                self.cost_s = cost if self.cost_s == 0.0 else 0.7 * self.cost_s + 0.3 * cost
+        elif self._n > self._shed:  # all the CPU charged to the answers: an upper bound
+            self.cost_s = min(self.cost_s, busy_s / (self._n - self._shed))
+        self.restart()
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def protocol_class(server: Server) -> type:
+    """uvicorn's httptools protocol with the door in front of ``POST /{app}/predict``.
+
+    Only a request that could be answered out of turn safely is decided at the door: a POST
+    with a ``content-length`` within ``max_body_bytes``, no ``Expect: 100-continue``, no earlier
+    request on the connection still being answered (responses keep their order) and the
+    connection not paused for writing. Everything else, and every request the door lets
+    through, takes uvicorn's usual path (with its arrival time and shed verdict in the scope).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    ok_head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+
+    class SheddingProtocol(HttpToolsProtocol):
+        _held: tuple[Any, ...] | None = None
+        _chunks: list[bytes]
+
+        def on_headers_complete(self) -> None:
+            url = self.url
+            if not url.endswith(b"/predict") or self.parser.get_method() != b"POST":
+                super().on_headers_complete()
+                return
+            app = server.door_app(url)
+            if app is None:
+                super().on_headers_complete()
+                return
+            lag = server.lag.lag_s
+            now = self.loop.time()
+            t0, p0 = now - lag, time.perf_counter() - lag
+            reason = server.shed_reason(app, t0, now)
+            cycle = self.cycle
+            if (
+                reason is not None
+                and (cycle is None or cycle.response_complete)
+                and not self.pipeline
+                and not self.expect_100_continue
+                and not self.flow.write_paused
+            ):
+                size = _content_length(self.headers)
+                if size is not None and size <= server.max_body:
+                    self._held = (app, reason, t0, p0)
+                    self._chunks = []
+                    return
+            self._hand_over(t0, p0, reason)
+
+        def _hand_over(self, t0: float, p0: float, reason: _Reason | None) -> None:
+            """Start uvicorn's request cycle, with the door's findings in the scope."""
+            started = self.cycle is None or self.cycle.response_complete
+            super().on_headers_complete()
+            if started and self.cycle is not None and self.cycle.scope is self.scope:
+                self.scope[ARRIVAL] = (t0, p0, reason)  # type: ignore[literal-required]
+                server.frontend.enter()  # left in Server.__call__, whatever happens
+
+        def on_body(self, body: bytes) -> None:
+            if self._held is not None:
+                self._chunks.append(body)
+                return
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            held = self._held
+            if held is None:
+                super().on_message_complete()
+                return
+            self._held = None
+            body = b"".join(self._chunks)
+            self._chunks = []
+            app, reason, t0, p0 = held
+            if b'"inputs"' in body:  # a list of queries: answered in its own shape by the app
+                self._hand_over(t0, p0, reason)
+                if body:
+                    super().on_body(body)
+                super().on_message_complete()
+                return
+            payload = server.shed_payload(app, reason, p0)
+            keep = self.parser.should_keep_alive() and self.parser.get_http_version() == "1.1"
+            head = [ok_head]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            if not keep:
+                head.append(b"connection: close\r\n")
+            head += [b"content-length: ", str(len(payload)).encode(), b"\r\n\r\n", payload]
+            self.transport.write(b"".join(head))
+            server.frontend.shed()
+            if not keep:
+                self.transport.close()
+                return
+            self.on_response_complete()
+
+    SheddingProtocol.__name__ = SheddingProtocol.__qualname__ = "SheddingProtocol"
+    return SheddingProtocol
