@@ -7,6 +7,7 @@ parsed, so that answering them costs the event loop a fraction of an answer (``_
 from __future__ import annotations
 
 import json
+import socket
 
 import httpx
 
@@ -114,3 +115,67 @@ def test_a_burst_is_answered_or_defaulted_within_the_slo() -> None:
     assert n == n_queries
     assert within >= 0.9, f"{within:.3f} within the SLO (server-side)"
     assert f"mlcycle_app_defaults_total{{{app},reason=" in after
+
+
+def _read_responses(sock: socket.socket, count: int) -> list[tuple[bytes, dict]]:
+    """``count`` HTTP/1.1 responses (head, JSON body) read from ``sock``."""
+    data, out = b"", []
+    while len(out) < count:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = data[:head_end]
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            if len(data) >= head_end + 4 + length:
+                body = data[head_end + 4 : head_end + 4 + length]
+                out.append((head, json.loads(body)))
+                data = data[head_end + 4 + length :]
+                continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(out)} responses")
+        data += chunk
+    return out
+
+
+def test_the_door_keeps_http_framing_order_and_connection_close() -> None:
+    """Pipelined requests come back in order, each once; ``Connection: close`` is honoured;
+    the connection stays usable after a request answered at the door."""
+    config = {
+        "models": [
+            {
+                "name": "busy",
+                "factory": f"{EX}:sleepy",
+                "args": {"base_ms": 200.0, "per_item_ms": 1.0},
+                "input_shape": [4],
+                "batching": {"policy": "fixed", "max_batch_size": 2},
+            }
+        ],
+        "apps": [{"name": "busy", "slo_ms": 50, "models": ["busy"], "default": "later"}],
+    }
+
+    def request(i: int, extra: str = "") -> bytes:
+        body = json.dumps({"input": [i, 0, 0, 0]}).encode()
+        head = (
+            f"POST /busy/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n"
+        )
+        return head.encode() + body
+
+    with serve_in_thread(config) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for _ in range(30):  # until the model is busy: then requests meet the door
+                sock.sendall(request(0))
+                ((_, answer),) = _read_responses(sock, 1)
+                if answer["reason"] == "deadline":
+                    break
+            sock.sendall(request(1) + request(2) + request(3))  # pipelined
+            answers = _read_responses(sock, 3)
+            assert [a["default"] for _, a in answers] == [True] * 3
+            ids = [int(a["query_id"], 16) for _, a in answers]
+            assert ids == sorted(ids) and len(set(ids)) == 3  # in order, each once
+            assert all(h.startswith(b"HTTP/1.1 200") for h, _ in answers)
+            sock.sendall(request(4, "Connection: close\r\n"))
+            ((head, last),) = _read_responses(sock, 1)
+            assert b"connection: close" in head.lower() and last["default"] is True
+            assert sock.recv(1) == b""  # and the server closed it

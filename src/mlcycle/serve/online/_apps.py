@@ -5,7 +5,7 @@ Policies:
 - ``single``: the first linked model answers.
 - ``exp3``: :class:`~mlcycle.serve.online.selection.Exp3` picks one model per query; feedback
   rewards it (Clipper Sec. 5.2.1).
-- ``exp4``: every linked model is queried; :class:`~mlcycle.serve.online.selection.Exp4`
+- ``exp4``: every linked model is queried; :class:`~mlcycle.serve.online.ensemble.Exp4`
   combines the outputs that arrived by the deadline, so a straggler costs confidence, not time
   (Clipper Sec. 5.2.2-5.2.3); feedback updates each model's weight.
 - ``cascade``: :class:`~mlcycle.serve.online.cascade.IDKCascade` asks the cheapest model
@@ -74,7 +74,7 @@ def build_policy(config: AppConfig) -> Any:
                 return Exp3.from_dict(config.policy_state)
             return Exp3(models, **config.policy_args)
         if policy == "exp4":
-            from mlcycle.serve.online.selection import Exp4
+            from mlcycle.serve.online.ensemble import Exp4
 
             if config.policy_state:
                 return Exp4.from_dict(config.policy_state)
