@@ -44,9 +44,9 @@ def test_refused_queries_are_answered_at_the_door_and_counted() -> None:
     with serve_in_thread(server) as url, httpx.Client(base_url=url, timeout=10) as c:
         for _ in range(30):  # an idle replica admits; 8 dropped in a row, and one runs 200 ms
             probe = c.post("/busy/predict", json={"input": [0, 0, 0, 0]}).json()
-            if probe["reason"] == "deadline":
+            if probe.get("reason") == "deadline":
                 break
-        assert probe["reason"] == "deadline", probe
+        assert probe.get("reason") == "deadline", probe
         reached_before = reached
         answers = [c.post("/busy/predict", json={"input": [i, 0, 0, 0]}).json() for i in range(20)]
         reached_singles = reached - reached_before
@@ -167,7 +167,7 @@ def test_the_door_keeps_http_framing_order_and_connection_close() -> None:
             for _ in range(30):  # until the model is busy: then requests meet the door
                 sock.sendall(request(0))
                 ((_, answer),) = _read_responses(sock, 1)
-                if answer["reason"] == "deadline":
+                if answer.get("reason") == "deadline":
                     break
             sock.sendall(request(1) + request(2) + request(3))  # pipelined
             answers = _read_responses(sock, 3)
