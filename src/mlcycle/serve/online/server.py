@@ -343,8 +343,6 @@ class Server:
                 '{"input": [0.1, 0.2]} with content-type application/json',
             ) from None
 
-    # ---- predict and feedback --------------------------------------------------------------
-
     # ---- the door: defaults decided before the body is parsed ------------------------------
 
     def door_app(self, url: bytes) -> AppRuntime | None:
@@ -357,10 +355,11 @@ class Server:
     def shed_reason(self, app: AppRuntime, t0: float, now: float) -> _Reason | None:
         """Why a query of ``app`` that arrived at ``t0`` gets the default at once, or None.
 
-        ``"overload"`` when the frontend's backlog alone (:class:`FrontendLoad`) would answer it
-        after its deadline; ``"admission"`` when every model the app links would refuse it at
-        admission (their queues cannot make the deadline). Both are decided before the body is
-        parsed, so under a burst a default costs a fraction of an answer.
+        ``"overload"`` when the frontend's backlog (:class:`FrontendLoad`) would fill more than
+        ``headroom`` (half) of the time left to its deadline; ``"admission"`` when every model
+        the app links would refuse it at admission (their queues cannot make the deadline).
+        Both are decided before the body is parsed, so under a burst a default costs a
+        fraction of an answer.
         """
         deadline = t0 + app.budget_s
         if self.frontend.backlog_s() > self.frontend.headroom * (deadline - now):
@@ -390,6 +389,8 @@ class Server:
         if elapsed > app.slo_s:
             m.slo_misses += 1
         return b'{"query_id":"' + qid.encode() + head + dumps(elapsed * 1e3) + b"}"
+
+    # ---- predict and feedback --------------------------------------------------------------
 
     async def _predict(self, app: AppRuntime, scope: dict[str, Any], receive: Any, send: Any):
         arrival = scope.get(ARRIVAL)
