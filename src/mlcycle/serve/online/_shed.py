@@ -18,7 +18,9 @@ them all in. Two things here make the defaults go out in time:
   is the work queued ahead of a new request. Its answer also waits for the requests that
   arrive after it and are read before its model output is back (in a clump, about as many
   again), so when the backlog exceeds ``headroom`` (half) of the time left to its deadline,
-  the request gets the default (reason ``"overload"``) instead of a place in the line.
+  the request gets the default (reason ``"overload"``) instead of a place in the line; one let
+  in has its model deadline moved up by the backlog (``Server._predict_at``), so that its
+  answer, or the deadline timer's default, still has time to get past the loop's queue.
 - :func:`protocol_class` decides at the HTTP protocol, when a request's headers are in: if the
   app's deadline cannot be met (the backlog above, or every linked model's queue refusing at
   admission), the body is never parsed, no ASGI task or scope is made, and a response built

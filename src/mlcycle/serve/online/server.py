@@ -442,6 +442,9 @@ class Server:
                 'the body must be a JSON object with exactly one of "input" (one query) or '
                 '"inputs" (a list of queries), e.g. {"input": [0.1, 0.2]}',
             )
+        # the model must be done early enough for the answer to get past the loop's backlog:
+        # its deadline (and admission, the deadline timer, late drops) moves up by that much
+        t0 -= self.frontend.backlog_s()
         try:
             if "input" in data:
                 result = await app.answer(data["input"], t0)
