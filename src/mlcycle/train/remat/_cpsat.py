@@ -199,7 +199,8 @@ def solve_cpsat(
                 m.AddHint(x, int(ok))
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = float(time_limit_s)
+    # The limit covers building the model too (seconds on a few hundred nodes).
+    solver.parameters.max_time_in_seconds = max(0.1, time_limit_s - (time.perf_counter() - t0))
     solver.parameters.num_workers = workers or int(os.environ.get("MLCYCLE_CPSAT_WORKERS", 8))
     solver.parameters.log_search_progress = log
     code = solver.Solve(m)

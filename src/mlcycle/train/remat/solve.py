@@ -10,7 +10,8 @@ module first. The strategy behind ``solver="auto"``:
    greedy of :mod:`._heuristic` (drop the outputs cheapest per byte, then repair), and
    eviction under a hard cap with lookahead (DTR, Kirisame et al., ICLR 2021). On the
    published Checkmate graphs these land within 0.1% of the bound at moderate budgets, and
-   within a few percent at tight ones, in seconds.
+   within a few percent at tight ones, in seconds. Then a local search over the eviction
+   choices (``evict_search``): one choice at a time, evict another candidate and rerun.
 3. **Exact search while the gap is open**: Checkmate's MILP (Jain et al., MLSys 2020, Sec. 4)
    on HiGHS for small graphs, and the interval model of Moccasin (Bartan et al., ICML 2023)
    on CP-SAT for larger ones, seeded with the incumbent and limited to the remaining time.
@@ -52,6 +53,13 @@ EVICT_SCORES = (
     (1.5, 1.0, False),
     (2.0, 1.0, False),
 )
+# Shares of the time left that the eviction search (``_heuristic.evict_search``) may take before
+# CP-SAT and the MILP, on graphs above and up to MILP_MAX_NODES nodes.
+SEARCH_SHARE_LARGE = 0.75
+SEARCH_SHARE_SMALL = 0.25
+CPSAT_LARGE_MIN_S = 20.0  # the least time worth giving CP-SAT on graphs above MILP_MAX_NODES
+CPSAT_OVERRUN_S = 5.0  # how far CP-SAT may overrun its limit there (seen: 2 to 4 s on 2 cores)
+FINISH_S = 0.2  # time kept for simulating the last schedule found
 MAX_HINT_COPIES = 4  # CP-SAT is seeded with schedules computing a node at most this often
 GAP_TOL = 1e-3  # a plan within 0.1% of the proven bound is reported optimal
 
@@ -217,7 +225,19 @@ def solve(
 
     remaining = lambda: time_limit_s - (time.perf_counter() - t0)  # noqa: E731
     small = len(graph) <= MILP_MAX_NODES
-    # CP-SAT first, seeded with the incumbent: it improves a good schedule quickly. Then, on
+    # Local search over the eviction choices: on large graphs it is what improves the
+    # incumbent (CP-SAT seeded with it did not, in 300 s on our ResNet-50), so it gets most of
+    # the time, all of it unless CP-SAT would still get CPSAT_LARGE_MIN_S; on small graphs the
+    # exact solvers do better and it gets a smaller share.
+    if solver in ("auto", "greedy") and open_gap() and remaining() > 1:
+        from mlcycle.train.remat._heuristic import evict_search
+
+        share = SEARCH_SHARE_SMALL if small else SEARCH_SHARE_LARGE
+        limit = remaining() * share
+        if solver == "greedy" or (not small and remaining() - limit < CPSAT_LARGE_MIN_S):
+            limit = remaining() - FINISH_S  # nothing runs after it but the final check
+        offer("evict-search", evict_search(graph, budget, EVICT_SCORES, time_limit_s=limit))
+    # CP-SAT next, seeded with the incumbent: it improves a good schedule quickly. Then, on
     # small graphs, Checkmate's MILP with what time is left, which can prove optimality.
     if solver == "auto" and not _has_ortools():
         pass  # OR-Tools is a dependency, but a bare environment still gets a plan
@@ -238,8 +258,13 @@ def solve(
                 copies = (max(2, fwd), bwd)
         # Unseeded, CP-SAT finds no schedule for graphs of a few hundred nodes in a minute on
         # 2 cores (measured on ResNet-50); it is worth the time only with a hint or if asked.
-        if hint is not None or small or solver == "cpsat":
+        # On large graphs CP-SAT's presolve with a hint takes about 10 s whatever its limit
+        # (the published ResNet-50 on 2 cores), so it needs a minimum of time to be of use.
+        enough = small or solver == "cpsat" or remaining() >= CPSAT_LARGE_MIN_S
+        if (hint is not None or small or solver == "cpsat") and enough:
             share = remaining() if solver == "cpsat" or not small else remaining() / 2
+            if solver == "auto" and not small:
+                share -= CPSAT_OVERRUN_S
             res = solve_cpsat(
                 graph,
                 budget,
