@@ -17,6 +17,7 @@ holds.
 
 from __future__ import annotations
 
+import functools
 import linecache
 import operator
 import os
@@ -89,6 +90,11 @@ def capture_graph(
           activation, or a weight gradient computed beside an input gradient). The executor
           keeps these values from their first computation to the end of the step; their
           bytes are the node's ``stash``, not in its ``bytes``.
+        - ``"reuse"``: per graph node, ``{member: input}``: the pointwise members that write
+          their result into the storage of an input computed in the same group and dying there
+          (see :func:`_reuse_in_group`); the node's ``transient`` counts no new allocation for
+          them, and the executor runs them in place or with their ``out=`` overload
+          (:func:`reuse_variant`).
         - ``"random"``: indices of graph nodes that draw random numbers (dropout): recomputing
           one draws a new mask unless the RNG state is restored first.
         - ``"placeholders"``: ``(fx name, kind, source)`` with kind ``"param"``, ``"buffer"``,
@@ -587,6 +593,7 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
     groups_meta: list[list[str]] = []
     exposed_meta: list[list[str]] = []
     stash_meta: list[list[str]] = []
+    reuse_meta: list[dict[str, str]] = []
     random_meta: list[int] = []
     const_bytes = f.const_bytes
     for i, g in enumerate(order):
@@ -619,7 +626,9 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
             stash = out_members
             stash_bytes = sum(f.unit_bytes[u] for u in out_units)
         anchor = names[0] if not coarsen else _anchor(names, by_name, group_of, f)
-        peak = _group_peak(names, by_name, f, owned, kept | out_units)
+        held = kept | out_units
+        reuse = _reuse_in_group(names, by_name, f, owned, held)
+        peak = _group_peak(names, by_name, f, owned, held, reuse)
         nodes.append(
             Node(
                 name=anchor,
@@ -635,6 +644,7 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
         groups_meta.append(list(names))
         exposed_meta.append(exposed)
         stash_meta.append(stash)
+        reuse_meta.append(reuse)
         if any(f.random[name] for name in names):
             random_meta.append(i)
 
@@ -644,6 +654,7 @@ def _build_graph(joint: _Joint, f: _Fine, costs: dict[str, float], *, coarsen: b
         groups=groups_meta,
         exposed=exposed_meta,
         stash=stash_meta,
+        reuse=reuse_meta,
         random=random_meta,
         placeholders=joint.placeholders,
         outputs=list(f.outputs),
@@ -663,11 +674,15 @@ def _group_peak(
     f: _Fine,
     owned: set[tuple[str, int | None]],
     held: set[tuple[str, int | None]],
+    reuse: dict[str, str] | None = None,
 ) -> int:
     """The most bytes the group's own allocations hold at once while it runs, its members in
     order: an allocation is released once every member that reads it (or a view of it) ran,
-    unless it is ``held`` (read outside the group, or a graph output)."""
+    unless it is ``held`` (read outside the group, or a graph output). A member in ``reuse``
+    allocates nothing: its result takes over the storage of the input it writes into, which
+    dies at that member."""
     inside = set(names)
+    reuse = reuse or {}
     readers: dict[tuple[str, int | None], int] = {}
     for name in names:
         for a in by_name[name].all_input_nodes:
@@ -678,7 +693,8 @@ def _group_peak(
     live = peak = 0
     for name in names:
         mine = [u for u in f.units[name] if u[0] == name]
-        live += sum(f.unit_bytes[u] for u in mine)
+        into = f.units[reuse[name]][0] if name in reuse else None
+        live += sum(f.unit_bytes[u] for u in mine) - (f.unit_bytes[into] if into else 0)
         peak = max(peak, live)
         released = [u for u in mine if u not in held and not readers.get(u)]
         for a in by_name[name].all_input_nodes:
@@ -688,8 +704,136 @@ def _group_peak(
                         readers[u] -= 1
                         if not readers[u] and u not in held:
                             released.append(u)
-        live -= sum(f.unit_bytes[u] for u in set(released))
+        live -= sum(f.unit_bytes[u] for u in set(released) if u != into)
     return peak
+
+
+def _reuse_in_group(
+    names: list[str],
+    by_name: dict[str, fx.Node],
+    f: _Fine,
+    owned: set[tuple[str, int | None]],
+    held: set[tuple[str, int | None]],
+) -> dict[str, str]:
+    """Which pointwise members can write their result into an input's storage instead of
+    allocating, as inductor's buffer reuse does: ``{member: input}``, fx names.
+
+    Eager PyTorch allocates a new tensor for ``add(slice, maxpool_grad)`` even when
+    ``maxpool_grad`` is never read again, so for a moment both are live; at U-Net's full
+    resolution that moment sets the least feasible budget. Writing into the dying input removes
+    it. The input must be an allocation of this group (not a view, not a placeholder), read by
+    no member after this one nor by anything outside the group (not ``held``: not exposed, not a
+    graph output, hence not saved for backward), have the result's shape, strides, dtype and
+    device, and the op must have a kernel that writes in place (:func:`reuse_variant`).
+    Deciding within the group keeps the choice valid in every copy the executor makes of it: a
+    recomputation copies the same members, and only exposed members are read outside.
+    """
+    pos = {name: i for i, name in enumerate(names)}
+    last_read: dict[tuple[str, int | None], int] = {}
+    for name in names:
+        for a in by_name[name].all_input_nodes:
+            if a.name in pos:
+                for u in f.units[a.name]:
+                    last_read[u] = max(last_read.get(u, -1), pos[name])
+    reuse: dict[str, str] = {}
+    for name in names:
+        n = by_name[name]
+        val = n.meta.get("val")
+        if (
+            not isinstance(val, torch.Tensor)
+            or f.units[name] != [(name, None)]
+            or not isinstance(n.target, torch._ops.OpOverload)
+            or torch.Tag.pointwise not in n.target.tags
+            or torch.Tag.nondeterministic_seeded in n.target.tags
+        ):
+            continue
+        inputs = n.all_input_nodes
+        for a in inputs:
+            if a.name not in pos or len(f.units[a.name]) != 1:
+                continue
+            (u,) = f.units[a.name]
+            handle = u == (a.name, None) or (
+                a.target is operator.getitem and u == (a.args[0].name, a.args[1])
+            )
+            if (
+                handle
+                and u in owned
+                and u not in held
+                and last_read.get(u) == pos[name]
+                and f.unit_bytes[u] == f.unit_bytes[(name, None)]
+                and _same_layout(a.meta.get("val"), val)
+                and not any(b is not a and u in f.units.get(b.name, ()) for b in inputs)
+                and reuse_variant(n.target, _is_self(n, a), val.device.type) is not None
+            ):
+                reuse[name] = a.name
+                break
+    return reuse
+
+
+def _same_layout(a: Any, b: torch.Tensor) -> bool:
+    """``a`` is a tensor that ``b`` can be written into element for element."""
+    return (
+        isinstance(a, torch.Tensor)
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and a.device == b.device
+        and a.storage_offset() == 0
+    )
+
+
+def _is_self(n: fx.Node, a: fx.Node) -> bool:
+    """``a`` is ``n``'s first argument, the one an in-place variant (``add_``) writes."""
+    return bool(n.args) and n.args[0] is a
+
+
+@functools.cache
+def reuse_variant(
+    op: torch._ops.OpOverload, into_self: bool, device_type: str
+) -> tuple[torch._ops.OpOverload, str | None] | None:
+    """How pointwise ``op`` writes its result into an input's storage on ``device_type``.
+
+    Returns ``(overload, None)`` for the in-place variant (``add.Tensor`` -> ``add_.Tensor``,
+    ``relu`` -> ``relu_``), usable when the input is the first argument (``into_self``);
+    ``(overload, name)`` for the ``out=`` overload (``add.out``, ``threshold_backward
+    .grad_input``) with ``name=`` the input; None when neither writes in place. An ``out=``
+    overload counts only with a kernel of its own for the device (a structured elementwise
+    kernel): the ones generated from the functional op (``relu.out``, ``clone.out``, registered
+    only as CompositeExplicitAutograd) compute into a new tensor and copy it over, which saves
+    nothing. Both the capture and the executor ask this function, so they agree.
+    """
+
+    def signature(schema: Any) -> list[tuple[str, str, bool]]:
+        return [(a.name, str(a.type), a.kwarg_only) for a in schema.arguments]
+
+    def variants(packet: Any) -> list[tuple[torch._ops.OpOverload, int]]:
+        """The packet's overloads that write exactly one argument: (overload, its index)."""
+        found = []
+        for overload in packet.overloads():
+            candidate = getattr(packet, overload)
+            args = candidate._schema.arguments
+            writes = [a.alias_info is not None and a.alias_info.is_write for a in args]
+            if sum(writes) == 1 and len(candidate._schema.returns) == 1:
+                found.append((candidate, writes.index(True)))
+        return found
+
+    want = signature(op._schema)  # str(type) omits alias annotations: Tensor(a!) is Tensor
+    namespace = getattr(torch.ops, op.namespace)
+    inplace = op.overloadpacket.__name__ + "_"
+    if into_self and hasattr(namespace, inplace):
+        for candidate, k in variants(getattr(namespace, inplace)):
+            if k == 0 and signature(candidate._schema) == want:
+                return candidate, None
+    key = torch._C._dispatch_key_for_device(device_type)
+    for candidate, k in variants(op.overloadpacket):
+        args = signature(candidate._schema)
+        if (
+            args[k][2]  # keyword-only
+            and args[:k] + args[k + 1 :] == want
+            and torch._C._dispatch_has_kernel_for_dispatch_key(candidate.name(), key)
+        ):
+            return candidate, args[k][0]
+    return None
 
 
 def _anchor(

@@ -17,6 +17,10 @@ forward and backward graphs that the plan prescribes:
    and the release of saved tensors as the backward pass goes.
 3. **Replay randomness.** Before the first computation of a random op (dropout), the RNG state
    is stored; a recomputation restores it around the op, so the mask is the same bits.
+4. **Reuse dying buffers.** A pointwise member that the capture marked in
+   ``graph.meta["reuse"]`` writes into its input's storage, which dies there (inductor's
+   buffer reuse), in place (``add_``) or through ``out=``; the planned ``transient`` assumes
+   it.
 
 Checkmate (Jain et al., MLSys 2020, Sec. 5) generates its execution the same way, as a static
 schedule of tensor operations with explicit deallocation.
@@ -82,6 +86,7 @@ def build_partition(
             "rematerialize() again."
         )
     random = set(graph.meta.get("random", ()))
+    reuse: list[dict[str, str]] = graph.meta.get("reuse") or [{} for _ in groups]
     placeholders = [n for n in joint.graph.nodes if n.op == "placeholder"]
     device_type = _device_type(placeholders)
 
@@ -131,7 +136,11 @@ def build_partition(
                     copy.meta = dict(node.meta)
             if copy is None:
                 reads = {**cur, **before_update} if in_backward else cur
-                copy = new.node_copy(node, reads.__getitem__)
+                if name in reuse[v]:  # write into the dying input's storage, as planned
+                    into = by_name[reuse[v][name]]
+                    copy = _copy_in_place(new, node, into, reads, in_backward)
+                else:
+                    copy = new.node_copy(node, reads.__getitem__)
             cur[node] = copy
             first.setdefault(node, copy)
             if not in_backward:
@@ -155,6 +164,40 @@ def build_partition(
     ]
     gm = fx.GraphModule(joint, new)
     return _extract_fwd_bwd_modules(gm, saved, [], num_fwd_outputs=num_fwd_outputs)
+
+
+def _copy_in_place(
+    new: fx.Graph,
+    node: fx.Node,
+    into: fx.Node,
+    reads: dict[fx.Node, fx.Node],
+    in_backward: bool,
+) -> fx.Node:
+    """Copy pointwise ``node`` so that it writes its result into ``into``'s newest copy: its
+    in-place variant when ``into`` is its first argument, else its ``out=`` overload.
+
+    The capture chose ``into`` (``graph.meta["reuse"]``): computed in the same group, read by
+    nothing after ``node``, with the result's layout, so ``node``'s copy in every copy of the
+    group may overwrite it and allocates nothing, as the planned ``transient`` assumes. The
+    partitioner keeps a mutating op in the forward graph unless it is tagged as backward."""
+    from mlcycle.train.remat._capture import _is_self, reuse_variant
+
+    val = node.meta["val"]
+    variant = reuse_variant(node.target, _is_self(node, into), val.device.type)
+    if variant is None:  # the capture plans reuse only where this exists
+        raise ValueError(
+            f"{node.target} cannot write into its input on {val.device.type}; the plan was made "
+            "on another device or torch version. Capture and plan the step again."
+        )
+    target, out_name = variant
+    args = fx.map_arg(node.args, reads.__getitem__)
+    kwargs = dict(fx.map_arg(node.kwargs, reads.__getitem__))
+    if out_name is not None:
+        kwargs[out_name] = reads[into]
+    copy = new.call_function(target, args, kwargs)
+    copy.meta = dict(node.meta)
+    copy.meta["partitioner_tag"] = "is_backward" if in_backward else "is_forward"
+    return copy
 
 
 def _is_tangent(n: fx.Node) -> bool:

@@ -265,3 +265,53 @@ def test_getitem_and_views_allocate_nothing(captured):
             n.target is operator.getitem or n.target is torch.ops.aten.t.default
         ):
             assert fine.meta["fine_bytes"][n.name] == 0
+
+
+def _views_of(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every value that aliases its storage (views of views...)."""
+    from mlcycle.train.remat.profile import _is_alias
+
+    seen, stack = {node}, [node]
+    while stack:
+        for u in stack.pop().users:
+            if u.op == "call_function" and _is_alias(u) and u not in seen:
+                seen.add(u)
+                stack.append(u)
+    return seen
+
+
+def test_pointwise_ops_write_into_an_input_that_dies_in_their_group(captured):
+    _, _, coarse, _ = captured
+    nodes = {n.name: n for n in coarse.meta["fx"].graph.nodes}
+    outputs = set(coarse.meta["outputs"])
+    reused = 0
+    for names, exposed, reuse in zip(
+        coarse.meta["groups"], coarse.meta["exposed"], coarse.meta["reuse"], strict=True
+    ):
+        for member, into in reuse.items():
+            reused += 1
+            n, a = nodes[member], nodes[into]
+            assert torch.Tag.pointwise in n.target.tags
+            assert names.index(into) < names.index(member)
+            assert into not in exposed and into not in outputs
+            # No one reads the overwritten storage after the op: not the input, not a view of it.
+            upto = set(names[: names.index(member) + 1])
+            for alias in _views_of(a):
+                assert alias.name in upto
+                assert all(u.name in upto for u in alias.users), (member, into, alias)
+            va, vn = a.meta["val"], n.meta["val"]
+            assert (va.shape, va.stride(), va.dtype) == (vn.shape, vn.stride(), vn.dtype)
+    assert reused > 0
+
+
+def test_a_chain_of_pointwise_ops_holds_one_tensor():
+    # Backward of tanh(fc2(h)) * 2: mm -> mul -> tanh_backward, each the same [3, 16] tensor.
+    # Each op writes into its dying input, so the group holds one tensor and no transient
+    # (allocating each result would hold two at once).
+    torch.manual_seed(0)
+    model = TinyMLP()
+    g = capture(model, _inputs(model), cost_model="flops")
+    (i,) = [i for i, names in enumerate(g.meta["groups"]) if "tanh_backward" in names]
+    assert g.meta["reuse"][i] == {"mul_1": "mm", "tanh_backward": "mul_1"}
+    assert g.nodes[i].bytes == 3 * 16 * 4
+    assert g.nodes[i].transient == 0

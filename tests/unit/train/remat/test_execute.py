@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlcycle.models import build
 from mlcycle.train.remat import InfeasibleBudgetError, capture, simulate, solve
 from mlcycle.train.remat._bounds import min_feasible_bytes
 from mlcycle.train.remat.baselines import checkpoint_all
 from mlcycle.train.remat.execute import Rematerialized
+from mlcycle.train.remat.graph import COMPUTE
 from mlcycle.train.remat.memory import LiveBytes
 
 
@@ -127,6 +130,78 @@ def test_in_place_ops_and_views_are_handled() -> None:
     loss_of(step(x)).backward()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert (p.grad - q.grad).abs().max().item() <= 1e-10
+
+
+class _Writes(TorchDispatchMode):
+    """Records each op that writes into an argument (``add_``, ``add.out``) other than
+    ``copy_``: the storage it was told to write, the storage of its result, and the storages
+    of its tensor inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int, list[int]]] = []
+        self.ops: list[Any] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is torch.ops.aten.copy_.default:  # AOTAutograd writing BatchNorm's buffers
+            return result
+        for i, a in enumerate(func._schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                written = kwargs[a.name] if a.name in kwargs else args[i]
+                inputs = [t.data_ptr() for t in args if isinstance(t, torch.Tensor)]
+                self.calls.append((written.data_ptr(), result.data_ptr(), inputs))
+                self.ops.append(func)
+        return result
+
+
+def _in_place_model() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    return InPlace().double(), (torch.randn(64, 32, dtype=torch.float64),)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_in_place_model, lambda: build("resnet-tiny", dtype=torch.float64, batch=8)],
+    ids=["in-place-model", "resnet-tiny"],
+)
+def test_reused_ops_write_in_place_and_gradients_match(make) -> None:
+    model, inputs = make()
+    twin = copy.deepcopy(model)
+    step = planned(twin, inputs, t=0.2)
+    graph, schedule = step.plan.graph, step.plan.schedule
+    # Every computation of a group runs its planned reuses, recomputations included.
+    want = sum(len(graph.meta["reuse"][v]) for op, v in schedule.ops if op == COMPUTE)
+    assert want > 0
+    torch.manual_seed(1)
+    loss_of(model(*inputs)).backward()
+    torch.manual_seed(1)
+    with _Writes() as mode:
+        loss_of(step(*inputs)).backward()
+    assert len(mode.calls) == want
+    for written, result, inputs_at in mode.calls:
+        assert result == written  # the op wrote where it was told, without reallocating
+        assert written in inputs_at  # ... into the storage of one of its own inputs
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-10
+    for (name, a), b in zip(model.named_buffers(), twin.buffers(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_reuse_runs_in_recomputed_groups_and_through_out() -> None:
+    model, inputs = build("resnet-tiny", dtype=torch.float64, batch=8)
+    step = planned(model, inputs, t=0.2)
+    graph = step.plan.graph
+    counts = step.plan.schedule.compute_counts(len(graph))
+    assert any(counts[v] > 1 for v, reuse in enumerate(graph.meta["reuse"]) if reuse)
+    model, inputs = _in_place_model()
+    step = planned(model, inputs, t=0.2)
+    with _Writes() as mode:
+        step(*inputs).sum().backward()
+    ops = {str(op) for op in mode.ops}
+    assert "aten.add_.Tensor" in ops  # the input is the first argument: in place
+    assert "aten.add.out" in ops  # the second: through out=
 
 
 def test_other_input_shapes_are_refused_with_advice() -> None:
