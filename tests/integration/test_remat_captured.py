@@ -17,16 +17,7 @@ def resnet50_graph():
     return capture(model, inputs, cost_model="flops")
 
 
-TIGHT_NOT_MET = pytest.mark.xfail(
-    reason="issue 3's 1.12 at 0.3 is not met yet: 1.148 (60 s) against a proven bound of 1.078, "
-    "with eviction seeding CP-SAT (docs/remat.md, limits)",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    ("fraction", "target"), [(0.5, 1.05), pytest.param(0.3, 1.12, marks=TIGHT_NOT_MET)]
-)
+@pytest.mark.parametrize(("fraction", "target"), [(0.5, 1.05), (0.3, 1.12)])
 def test_resnet50_batch32_meets_the_overhead_targets(resnet50_graph, fraction, target) -> None:
     graph = resnet50_graph
     plan = solve(graph, budget_fraction=fraction, time_limit_s=20)
