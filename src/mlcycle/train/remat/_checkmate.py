@@ -45,8 +45,12 @@ frontier-advancing schedules in the simulator). Every schedule is replayed in th
 before it is returned; HiGHS's feasibility tolerance could in principle let a rounded solution
 exceed the budget by a few bytes, in which case the model's budget is tightened and it is
 solved again.
-``graph.const_bytes`` is subtracted from the budget before the model is built, and so are the
-nodes' ``stash`` bytes (conservative; see :func:`solve_checkmate_milp`).
+``graph.const_bytes`` is subtracted from the budget before the model is built. A node's
+``stash`` is allocated at its first computation, which in a frontier-advancing schedule is the
+end of stage ``t`` for node ``t``: ``U[t,k] <= budget - sum_{j<t} stash_j - [k = t] stash_t``.
+Its ``transient`` bytes are live only while it computes: ``U[t,k] + transient_k R[t,k]`` obeys
+the same cap. Both are exact for the simulator, so optimality is proven within the
+frontier-advancing formulation with them too.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class _Model:
     row_ub: np.ndarray
     n_r: int
     n_s: int
+    mem_rows: np.ndarray  # rows bounding memory with a transient: U[t,k] + T_k R[t,k] <= cap
 
 
 def _ranges(starts: np.ndarray, stops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -285,10 +290,6 @@ def _build_model(graph: Graph, budget: float, linearization: str = "paper") -> _
     add(_tri(ft) + pk[fp] + 1, fid(ft, fp), mem[pi[fp]])
     close(len(tt), 0.0, 0.0)
 
-    a = sp.csr_array(
-        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(n_rows, n_var),
-    )
     c = np.zeros(n_var)
     rt, ri = _ranges(np.zeros(n, dtype=np.int64), np.arange(1, n + 1))
     c[rid(rt, ri)] = cost[ri]
@@ -296,7 +297,27 @@ def _build_model(graph: Graph, budget: float, linearization: str = "paper") -> _
     ub = np.ones(n_var)
     diag = rid(np.arange(n), np.arange(n))
     lb[diag] = 1.0  # frontier-advancing: stage t computes node t
-    ub[u0:f0] = 1.0  # U[t,k] <= budget (memory is in units of the budget)
+    # U[t,k] <= budget - stash of the nodes computed before: in a frontier-advancing schedule
+    # node j is first computed at the end of stage j, so stages t > j carry its stash, and so
+    # does stage t itself once node t is computed (memory is in units of the budget).
+    stash = np.array([node.stash for node in graph.nodes], dtype=np.float64) / budget
+    before = np.concatenate(([0.0], np.cumsum(stash)[:-1]))  # stash of nodes j < t
+    ut, uk = _ranges(np.zeros(n, dtype=np.int64), np.arange(1, n + 1))
+    cap = 1.0 - before[ut] - np.where(uk == ut, stash[ut], 0.0)
+    ub[uid(ut, uk)] = cap
+    # A node's transient bytes are live only while it computes: U[t,k] + T_k R[t,k] <= cap.
+    trans = np.array([node.transient for node in graph.nodes], dtype=np.float64) / budget
+    m = trans[uk] > 0
+    first_mem_row = n_rows
+    r = np.arange(int(m.sum()))
+    add(r, uid(ut[m], uk[m]), 1.0)
+    add(r, rid(ut[m], uk[m]), trans[uk[m]])
+    close(len(r), -_INF, cap[m])
+    mem_rows = np.arange(first_mem_row, n_rows)
+    a = sp.csr_array(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+        shape=(n_rows, n_var),
+    )
     integrality = np.ones(n_var, dtype=np.int8)
     integrality[u0:f0] = 0
     if linearization == "tight":
@@ -311,6 +332,7 @@ def _build_model(graph: Graph, budget: float, linearization: str = "paper") -> _
         row_ub=np.concatenate(row_ub),
         n_r=n_r,
         n_s=n_s,
+        mem_rows=mem_rows,
     )
 
 
@@ -419,16 +441,14 @@ def solve_checkmate_milp(
     """
     start = time.perf_counter()
     total = graph.total_cost
-    # The MILP has no variable for "computed already"; a node's stash is counted from the step's
-    # start instead. Its schedules stay valid, but its optimum and bounds then belong to a
-    # stricter problem: they are reported as feasible, with only the trivial bound.
+    # Stash and transient bytes are exact in the model (see _build_model): node t's stash is
+    # allocated in stage t, its transient only while it computes. Every stash is allocated by
+    # the end of any schedule, so a budget below their sum is infeasible.
     stash = sum(node.stash for node in graph.nodes)
-    budget = int(budget_bytes) - int(graph.const_bytes) - stash
+    budget = int(budget_bytes) - int(graph.const_bytes)
     if len(graph) == 0:
         return CheckmateResult(Schedule(()), 0.0, 0.0, "optimal", 0.0)
-    if budget <= 0 or _cheap_infeasible(graph, budget):
-        if stash:
-            return CheckmateResult(None, None, total, "unknown", time.perf_counter() - start)
+    if budget <= stash or _cheap_infeasible(graph, budget):
         return CheckmateResult(None, None, _INF, "infeasible", time.perf_counter() - start)
 
     model = _build_model(graph, float(budget), linearization)
@@ -437,8 +457,6 @@ def solve_checkmate_milp(
     deadline = start + float(time_limit_s)
 
     def result(schedule, cost, lb, status):
-        if stash and status in ("optimal", "infeasible"):
-            status, lb = ("feasible" if schedule is not None else "unknown"), total
         return CheckmateResult(
             schedule=schedule,
             cost=cost,
@@ -487,7 +505,9 @@ def solve_checkmate_milp(
         over = (sim.peak_bytes - budget_bytes) / budget
         ub = ub.copy()
         ub[model.n_r + model.n_s : model.n_r + model.n_s + model.n_r] -= over + 1e-9
-        model = replace(model, ub=ub)
+        row_ub = model.row_ub.copy()
+        row_ub[model.mem_rows] -= over + 1e-9
+        model = replace(model, ub=ub, row_ub=row_ub)
         warnings.warn(
             f"Checkmate MILP schedule exceeded the budget by {sim.peak_bytes - budget_bytes} "
             "bytes (solver tolerance); re-solving with a tighter budget.",

@@ -88,11 +88,13 @@ def _dp_optimum(graph: Graph, budget: int) -> float:
     (always when ``k == t``) or skipped. Before a compute any resident outputs but its inputs
     may be dropped. The state is the resident set; a state is dropped when a superset is
     reachable at no more cost (dropping is free). Memory follows the simulator: the kept set
-    plus the new output must fit.
+    plus the new output, its transient bytes and the stash allocated so far (node ``t``'s at
+    ``(t, t)``, its first computation) must fit.
     """
     n = len(graph)
     mem = [node.bytes for node in graph.nodes]
     cost = [node.cost for node in graph.nodes]
+    stash_before = [sum(node.stash for node in graph.nodes[:t]) for t in range(n)]
     pmask = [sum(1 << p for p in graph.preds[k]) for k in range(n)]
     omask = sum(1 << i for i, node in enumerate(graph.nodes) if node.output)
 
@@ -106,7 +108,8 @@ def _dp_optimum(graph: Graph, budget: int) -> float:
             for resident, c in states.items():
                 if resident >> k & 1 or resident & pmask[k] != pmask[k]:
                     continue
-                room = budget - mem[k] - size(pmask[k])
+                room = budget - mem[k] - size(pmask[k]) - graph.nodes[k].transient
+                room -= stash_before[t] + (graph.nodes[k].stash if k == t else 0)
                 optional = resident & ~pmask[k]
                 sub = optional
                 while True:  # every subset of the optional residents to keep
@@ -161,6 +164,30 @@ _EXACT_CASES = [
     _random_graph(5, 10),
     *(_random_training_graph(seed, 5) for seed in range(4)),
     _random_training_graph(7, 6),
+]
+
+
+def _with_stash_and_transient(graph: Graph, seed: int) -> Graph:
+    """``graph`` with random transient bytes on some nodes and a stash on some backward ones."""
+    rng = random.Random(seed)
+    nodes = [
+        replace(
+            node,
+            transient=rng.choice([0, 0, 1, 3]),
+            stash=rng.choice([0, 1, 2]) if node.backward else 0,
+        )
+        for node in graph.nodes
+    ]
+    return Graph(nodes=nodes, preds=graph.preds, name=f"{graph.name}-stash{seed}")
+
+
+_EXACT_CASES += [
+    _with_stash_and_transient(Graph.chain(4), 1),
+    # Seeds whose budgets below the peak force recomputation before they become infeasible.
+    *(
+        _with_stash_and_transient(_random_training_graph(seed, m), seed)
+        for seed, m in ((0, 5), (4, 4), (6, 5))
+    ),
 ]
 
 
