@@ -1225,7 +1225,13 @@ def main() -> int:
         fractions, tries = (0.7, 0.5, 0.35, 0.25), 5
     cfg.mem_tol, cfg.tracker = args.mem_tol, args.tracker
     use_compile = args.compile == "on" or (args.compile == "auto" and not args.quick)
-    compile_skip = None if use_compile else "in --quick (a CPU compile takes ~1 min each)"
+    compile_skip = (
+        None
+        if use_compile
+        else "in --quick (a CPU compile takes ~1 min each)"
+        if args.quick
+        else "--compile off"
+    )
     if use_compile and device == "cpu":
         import shutil
 
