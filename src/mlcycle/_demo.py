@@ -71,6 +71,7 @@ def _tune(quick: bool, ctx: dict[str, Any]) -> str:
 
     r = demo_tune(deadline_s=40.0 if quick else 90.0)  # Ray and gloo start-up come first
     ctx["digits_config"] = r["best_config"]
+    ctx["digits_epochs"] = r["best_iterations"]  # what the best trial had trained when scored
     return str(r["summary"])
 
 
@@ -91,7 +92,9 @@ def _train_digits(quick: bool, ctx: dict[str, Any]) -> str:
         weight_decay=float(cfg.get("weight_decay", 0.0)),
     )
     gen = torch.Generator().manual_seed(0)
-    epochs = 8 if quick else 30
+    # As many epochs as the best trial had when it was scored, so the saved model is the one
+    # the tuning stage reported on (the first trials can be cut short by the deadline).
+    epochs = min(int(ctx.get("digits_epochs") or (8 if quick else 30)), 30)
     for _ in range(epochs):
         for idx in torch.randperm(len(y_tr), generator=gen).split(int(cfg.get("batch_size", 64))):
             opt.zero_grad(set_to_none=True)
