@@ -31,6 +31,26 @@ def test_the_heartbeat_reads_a_loop_that_stays_behind_not_one_stall() -> None:
     asyncio.run(main())
 
 
+def test_a_request_read_during_a_long_pass_is_aged_by_it() -> None:
+    """The least of the last beats shows a long pass only later; a request read while the loop
+    is past its next beat is aged by how far past it, and once the beat has run, nothing is."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lag = LoopLag(period_s=0.002, window=3)
+        lag.start(loop)
+        await asyncio.sleep(0.02)
+        assert lag.age_s(loop.time()) < 0.030
+        time.sleep(0.050)  # a long pass (a clump parsed in one stretch)
+        assert lag.lag_s < 0.030 and lag.age_s(loop.time()) >= 0.040
+        await asyncio.sleep(0.001)  # the beat has run
+        assert lag.age_s(loop.time()) < 0.030
+        lag.stop()
+        assert lag.age_s(loop.time()) == 0.0
+
+    asyncio.run(main())
+
+
 def test_the_period_and_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="period_s"):
         LoopLag(period_s=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -17,8 +18,8 @@ def _spin(seconds: float) -> None:
         pass
 
 
-def test_the_cost_is_measured_on_busy_windows_only() -> None:
-    load = FrontendLoad(window=4, min_busy=0.1)  # a low bar: other work may share the core
+def test_the_cost_is_measured_on_busy_windows() -> None:
+    load = FrontendLoad(window=4, min_span_s=0.0, min_busy=0.1)  # other work may share the core
     assert load.backlog_s() == 0.0  # nothing measured: no backlog is claimed
     for _ in range(4):  # a busy window: 2 ms of CPU per request
         load.enter()
@@ -27,45 +28,92 @@ def test_the_cost_is_measured_on_busy_windows_only() -> None:
     assert load.inflight == 0
     assert 0.0015 <= load.cost_s <= 0.01
     measured = load.cost_s
-    for _ in range(4):  # an idle window (sleeping, not working): the cost stays
+    load.min_busy = 0.5
+    for _ in range(4):  # an idle window of dearer requests (3 ms each, 20 ms apart): it stays
         load.enter()
-        time.sleep(0.005)
+        _spin(0.003)
+        time.sleep(0.020)
         load.leave()
     assert load.cost_s == measured
     for _ in range(3):
         load.enter()
     assert load.backlog_s() == pytest.approx(3 * measured)
+    load.waiting = 2  # two of them parsed and waiting for their model: half their work left
+    assert load.backlog_s() == pytest.approx(2 * measured)
 
 
-def test_a_window_with_sheds_can_only_lower_the_cost() -> None:
-    """Defaults at the door are cheap: counting them would make answers look cheap. But an
-    estimate far too high sheds nearly everything, so such windows bound it from above (their
-    CPU time over the requests they answered), and it comes down."""
-    load = FrontendLoad(window=4)
-    load.cost_s = 1e-5  # lower than what these answers cost: stays
-    for _ in range(3):
-        load.enter()
-        _spin(0.0002)
-        load.leave()
-    load.shed()
-    assert load.cost_s == 1e-5
+def test_an_idle_window_can_only_lower_the_cost() -> None:
+    """An estimate far too high sheds nearly everything and leaves the process idle: such a
+    window's CPU time over its requests bounds their cost from above, and it comes down."""
+    load = FrontendLoad(window=4, min_span_s=0.0)
     load.cost_s = 1.0  # a second per request: far too high
     for _ in range(2):
         load.enter()
-        _spin(0.0002)
+        time.sleep(0.002)
         load.leave()
-    load.enter()
-    load.refused()  # given the default by the app's own path
-    load.leave()
-    load.shed()
+    for _ in range(2):
+        time.sleep(0.002)
+        load.shed()
     assert load.cost_s < 0.01
+
+
+def test_answers_leaving_together_do_not_drag_the_cost_down() -> None:
+    """The work of a request is spread over its stay: parsing when it comes in, the model's
+    share while it waits, the answer when it leaves. Under load a clump is parsed (and part of
+    it shed at the door) in one stretch and a batch's answers leave together in another; a
+    window that held only the latter read the answers' cost alone (0.1 ms here, of 0.33), and
+    when windows with defaults could only lower the estimate it ratcheted down to that, so the
+    door let in several times what the loop could answer in time."""
+    true_s = 0.0002 + 0.002 / 64 + 0.0001  # what an answered request costs
+    load = FrontendLoad(window=64, min_span_s=0.0, min_busy=0.1)
+    load.cost_s = true_s  # measured before the load rose
+    for _ in range(4):
+        for _ in range(64):  # a clump: half let in and parsed, half shed at the door
+            load.enter()
+            _spin(0.0002)
+            _spin(0.00005)
+            load.shed()
+        _spin(0.002)  # the model's batch
+        for _ in range(64):  # its answers leave together, one of them a default
+            _spin(0.0001)
+            load.leave()
+    assert 0.7 * true_s <= load.cost_s <= 1.6 * true_s, load.cost_s
+
+
+def test_a_window_behind_all_along_measures_the_cpu_share() -> None:
+    class Beat:  # the loop's heartbeat: how many beats, and how many of them late
+        beats = late_beats = 0
+
+    beat = Beat()
+    load = FrontendLoad(window=4, min_span_s=0.0, min_busy=0.1, lag=beat)  # type: ignore[arg-type]
+    for _ in range(4):  # the loop behind at every beat, the process on its core half the time
+        load.enter()
+        _spin(0.002)
+        time.sleep(0.002)
+        beat.beats += 1
+        beat.late_beats += 1
+        load.leave()
+    assert 0.55 <= load.share <= 0.95
+    share = load.share
+    for _ in range(4):  # one beat on time: the loop was idle some of the window, no share
+        load.enter()
+        _spin(0.001)
+        time.sleep(0.002)
+        beat.beats += 1
+        beat.late_beats += 1 if beat.beats % 4 else 0
+        load.leave()
+    assert load.share == share
 
 
 def test_the_window_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window"):
         FrontendLoad(window=0)
+    with pytest.raises(ValueError, match="min_span_s"):
+        FrontendLoad(min_span_s=-1.0)
     with pytest.raises(ValueError, match="headroom"):
         FrontendLoad(headroom=0.0)
+    with pytest.raises(ValueError, match="door_cost"):
+        FrontendLoad(door_cost=0.0)
 
 
 def _server() -> Server:
@@ -121,3 +169,68 @@ def test_a_shed_payload_is_the_usual_default_answer() -> None:
     m = app.metrics
     assert m.requests == 2 and m.defaults == {"overload": 2} and m.latency.count == 2
     assert app.feedback(body["query_id"], None, 0)["correct"] is None  # logged for /feedback
+
+
+class _Model:
+    """A model runtime's stand-in whose queue would be done with a query ``finish_s`` from
+    now."""
+
+    _closing = False
+
+    def __init__(self, finish_s: float) -> None:
+        self.finish_s = finish_s
+
+    def predicted_finish(self, now: float) -> float:
+        return now + self.finish_s
+
+    def set_target(self, target_s: float) -> None:
+        pass
+
+
+def test_the_door_leaves_the_model_its_time() -> None:
+    """A query let in waits about the backlog to be parsed and has its model deadline moved up
+    by the backlog, so the door lets it in only when the model's time fits in what is left:
+    otherwise it would end as a default after the frontend had done all its work."""
+    from mlcycle.serve.online import _admin
+    from mlcycle.serve.online._config import AppConfig
+    from mlcycle.serve.online._query import REJECTED
+
+    server = Server()
+    model = _Model(0.020)
+    server.models["m"] = model  # type: ignore[assignment]
+    config = {"name": "a", "slo_ms": 50, "default": [0.5], "models": ["m"]}
+    app = _admin.add_app(server, AppConfig.from_dict(config))
+    now = 100.0
+    assert app.budget_s == pytest.approx(0.044)  # the 50 ms SLO less the margin for sending
+    server.frontend.cost_s = 0.001
+    server.frontend.inflight = 10  # 10 ms to be parsed, 10 ms earlier deadline, 20 ms model
+    assert server.shed_reason(app, now, now) is None
+    server.frontend.inflight = 14  # 2 x 14 + 20 > 44: it could only end as a late default
+    assert server.shed_reason(app, now, now) is OVERLOAD
+    server.frontend.waiting = 8  # 8 of them parsed, waiting for their model: 10 ms of work
+    assert server.shed_reason(app, now, now) is None
+    model.finish_s = 0.050  # the model's queue alone would take it past its deadline
+    assert server.shed_reason(app, now, now) is REJECTED
+    model._closing = True  # undeploying: no model would take it
+    model.finish_s = 0.0
+    assert server.shed_reason(app, now, now) is REJECTED
+
+
+def test_the_door_keeps_new_parsing_from_holding_up_waiting_answers() -> None:
+    """A query let in earlier and waiting for its model must still get its answer out: the
+    parsing queued ahead of a new query (and its own) may fill at most half of the time left
+    to the earliest such deadline."""
+    server = _server()
+    app = server.apps["a"]
+    front = server.frontend
+    front.cost_s = 0.001
+    now = 100.0
+    ticket = front.wait(now + 0.010)  # parsed, waiting: due in 10 ms
+    front.inflight = 4  # it and 3 not yet parsed: 4 ms of parsing ahead with a new one
+    assert server.shed_reason(app, now, now) is None
+    front.inflight = 6  # 6 ms: more than half of its 10 ms
+    assert server.shed_reason(app, now, now) is OVERLOAD
+    assert front.earliest_s(now + 0.011) == math.inf  # past due: nothing left to protect
+    front.done(ticket)
+    assert front.waiting == 0 and front.earliest_s(now) == math.inf
+    assert server.shed_reason(app, now, now) is None

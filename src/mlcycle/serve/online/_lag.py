@@ -20,6 +20,7 @@ queries frees the loop to catch up. (Measured on a loaded 2-core machine, a Pois
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 __all__ = ["LoopLag"]
@@ -47,7 +48,10 @@ class LoopLag:
         self._i = 0
         self.lag_s = 0.0
         self.max_lag_s = 0.0  # the largest lag seen (for /metrics)
+        self.beats = 0  # heartbeats so far, and of them those that ran late (past floor_s):
+        self.late_beats = 0  # a span in which every beat was late is one the loop was behind
         self._due = 0.0
+        self._due_loop = math.inf  # the next beat's due time on the loop's clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
 
@@ -56,6 +60,7 @@ class LoopLag:
         self.stop()
         self._loop = loop
         self._due = time.perf_counter() + self.period_s
+        self._due_loop = loop.time() + self.period_s
         self._handle = loop.call_later(self.period_s, self._beat)
 
     def stop(self) -> None:
@@ -65,16 +70,32 @@ class LoopLag:
             self._handle = None
         self.lag_s = 0.0
         self._late = [0.0] * len(self._late)
+        self._due_loop = math.inf
 
     def _beat(self) -> None:
         now = time.perf_counter()
         late = now - self._due
         lates = self._late
         lates[self._i] = late
+        self.beats += 1
+        if late > self.floor_s:
+            self.late_beats += 1
         self._i = (self._i + 1) % len(lates)
         least = min(lates)
         self.lag_s = least if least > self.floor_s else 0.0
         if late > self.max_lag_s:
             self.max_lag_s = late
         self._due = now + self.period_s
-        self._handle = self._loop.call_later(self.period_s, self._beat)  # type: ignore[union-attr]
+        loop = self._loop
+        self._due_loop = loop.time() + self.period_s  # type: ignore[union-attr]
+        self._handle = loop.call_later(self.period_s, self._beat)  # type: ignore[union-attr]
+
+    def age_s(self, now: float) -> float:
+        """How long a request read at loop time ``now`` may have waited unseen: the sustained
+        lag, or, when the loop has been busy past its next beat, how far past it. The least of
+        the last beats shows a long pass only once three beats have seen it, so the first pass
+        of a burst (a clump read and parsed in one stretch, 10-30 ms here) would otherwise age
+        the requests that came in during it by nothing, and their answers and defaults left
+        late; a stall that is over (the beat has run) ages nothing after it."""
+        over = now - self._due_loop
+        return over if over > self.floor_s and over > self.lag_s else self.lag_s

@@ -7,20 +7,18 @@ answering one costs the event loop 0.15-0.25 ms of HTTP, JSON and scheduling wor
 though the model keeps up, and admission control that looks only at the model's queue lets
 them all in. Two things here make the defaults go out in time:
 
-- :class:`FrontendLoad` counts the predict requests the frontend holds (read, not yet answered)
-  and measures what one costs the process (CPU seconds per request, over windows of 64
-  requests in which the process was busy at least half the time and nothing was shed, so
-  neither idle time nor cheap refusals skew it; a window with refusals can only lower it, to
-  its CPU time over the requests it answered, so an estimate that is too high, which would
-  shed everything and measure nothing, corrects itself). On a shared machine the process gets
-  only part of its core: the share it got in windows where the event loop had work all along
-  (its heartbeat late throughout) turns CPU time into wall time. ``inflight * cost_s / share``
-  is the work queued ahead of a new request. Its answer also waits for the requests that
-  arrive after it and are read before its model output is back (in a clump, about as many
-  again), so when the backlog exceeds ``headroom`` (half) of the time left to its deadline,
-  the request gets the default (reason ``"overload"``) instead of a place in the line; one let
-  in has its model deadline moved up by the backlog (``Server._predict_at``), so that its
-  answer, or the deadline timer's default, still has time to get past the loop's queue.
+- :class:`FrontendLoad` counts the predict requests the frontend holds (read, not yet answered;
+  those parsed and waiting for their model count half) and measures what one costs the process
+  (CPU seconds per request over windows of at least 64 requests and 50 ms; see the class). On a
+  shared machine the process gets only part of its core: the share it got in windows where the
+  event loop had work all along (its heartbeat late at every beat) turns CPU time into wall
+  time. The result is the work queued ahead of a new request. A request let in waits about
+  that long to be parsed and then has its model deadline moved up by it
+  (``Server._predict_at``), so that its answer, or the deadline timer's default, still has time
+  to get past the loop's queue; so when the backlog exceeds ``headroom`` (half) of the time
+  between the model's predicted finish and its deadline, the request gets the default (reason
+  ``"overload"``) instead of a place in the line, and likewise when the parsing queued ahead of
+  it would hold up the answers of requests let in before it past half of their time left.
 - :func:`protocol_class` decides at the HTTP protocol, when a request's headers are in: if the
   app's deadline cannot be met (the backlog above, or every linked model's queue refusing at
   admission), the body is never parsed, no ASGI task or scope is made, and a response built
@@ -39,7 +37,9 @@ input, and parsing is the work that is short).
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from mlcycle.serve.online._query import _Reason
@@ -55,98 +55,164 @@ ARRIVAL = "mlcycle.arrival"  # scope key: (t0, p0, shed reason or None) set at t
 class FrontendLoad:
     """The predict requests the frontend holds, and the process CPU time one costs.
 
+    The cost is measured over windows of at least ``window`` requests *and* ``min_span_s``
+    seconds: the CPU time of a window is that of the requests that went through it only when
+    it spans several model batches and loop passes. Counted per 64 requests that left, a
+    window could be one batch's answers leaving together (their response work, none of their
+    parsing, 2-3 ms of CPU for 64 requests) and read a third of the true cost; and since a
+    window with defaults could only lower the estimate, under sustained load it ratcheted
+    down to the cheapest such window (0.085 ms against 0.17-0.23 ms a few hundred ms earlier,
+    in a Poisson run at 5,429/s), the door let in more than the loop could answer in time,
+    and most queries got their defaults late, after all their parsing (83% defaults, 5% of
+    them at the door; p99 2.4 s). Now a request counts half when it enters and half
+    when it leaves, a default at the door ``door_cost`` of one, and every window counts
+    alike: a busy one (the process ran at least ``min_busy`` of it, or the loop was behind at
+    every heartbeat) moves the estimate toward what it measured, an idle one can only lower it
+    (its CPU time over its requests bounds their cost from above, so an estimate too high,
+    which sheds everything and leaves the process idle, corrects itself).
+
     Args:
-        window: requests per measurement of :attr:`cost_s`.
-        min_busy: a window counts only when the process ran at least this share of its wall
+        window: requests per measurement of :attr:`cost_s` (at least).
+        min_span_s: seconds per measurement (at least).
+        min_busy: a window is busy when the process ran at least this share of its wall
             time, or the loop was behind all along (at low load the heartbeat and idle
             wake-ups would inflate the cost).
-        lag: the event loop's heartbeat; a window that ends with the loop behind measures
-            :attr:`share`.
+        lag: the event loop's heartbeat; a window in which every beat was late (the loop had
+            work all along) measures :attr:`share`.
         headroom: the share of the time left to a deadline that the backlog may fill.
+        door_cost: what a default at the door costs the process, as a share of a request
+            through the app (0.041-0.046 ms against 0.15-0.25 ms measured here).
     """
 
     __slots__ = (
         "inflight",
+        "waiting",
         "cost_s",
         "share",
         "window",
+        "min_span_s",
         "min_busy",
         "lag",
         "headroom",
+        "door_cost",
+        "_dues",
         "_n",
-        "_shed",
+        "_units",
         "_cpu0",
         "_wall0",
+        "_beats0",
+        "_late0",
     )
-    # _n: requests that left the frontend in this window, _shed: of them given the default
+    # _n: requests that left the frontend in this window, _units: the requests' worth of work
+    # done in it (half at entry, half at leaving, door_cost per default at the door)
 
     def __init__(
         self,
         window: int = 64,
+        min_span_s: float = 0.05,
         min_busy: float = 0.5,
         lag: LoopLag | None = None,
         headroom: float = 0.5,
+        door_cost: float = 0.25,
     ) -> None:
         if window < 1:
             raise ValueError(f"window must be >= 1 requests, got {window}")
+        if min_span_s < 0.0:
+            raise ValueError(f"min_span_s must be >= 0 seconds, got {min_span_s}")
         if not 0.0 < headroom <= 1.0:
             raise ValueError(f"headroom must be in (0, 1] (of the time left), got {headroom}")
+        if not 0.0 < door_cost <= 1.0:
+            raise ValueError(f"door_cost must be in (0, 1] (of a request's cost), got {door_cost}")
         self.inflight = 0  # predict requests read and not yet answered
+        self.waiting = 0  # of them, those parsed and handed to a model (half their work done)
         self.cost_s = 0.0  # process CPU seconds per request under load; 0 until measured
         self.share = 1.0  # of the wall time, the CPU time the process gets when it has work
         self.window = window
+        self.min_span_s = min_span_s
         self.min_busy = min_busy
         self.lag = lag
         self.headroom = headroom
-        self._n = 0
-        self._shed = 0
-        self._cpu0 = time.process_time()
-        self._wall0 = time.perf_counter()
+        self.door_cost = door_cost
+        self._dues: deque[list[Any]] = deque()  # [deadline, waiting] of waiting requests, in order
+        self.restart()
 
     def restart(self) -> None:
         """Start a fresh window (the server starts serving: loading the models is no request's
         cost)."""
-        self._n = self._shed = 0
+        self._n = 0
+        self._units = 0.0
         self._cpu0, self._wall0 = time.process_time(), time.perf_counter()
+        lag = self.lag
+        self._beats0, self._late0 = (lag.beats, lag.late_beats) if lag is not None else (0, 0)
 
     def backlog_s(self) -> float:
-        """Seconds of work the frontend has in hand (what a request read now waits behind)."""
-        return self.inflight * self.cost_s / self.share
+        """Seconds of work the frontend has in hand (what a request read now waits behind): a
+        request not yet parsed counts whole, one waiting for its model's output half (its
+        answer and the model's share of the CPU are still to come)."""
+        return (self.inflight - 0.5 * self.waiting) * self.cost_s / self.share
+
+    def ahead_s(self) -> float:
+        """Seconds of parsing queued in the loop ahead of a request read now: the requests
+        not yet parsed, and it. A waiting request's answer (or default) comes after them."""
+        return (self.inflight - self.waiting + 1) * self.cost_s / self.share
 
     def enter(self) -> None:
         self.inflight += 1
+        self._units += 0.5
+
+    def wait(self, deadline: float) -> list[Any]:
+        """A held request was parsed and handed to its models; it must be answered by
+        ``deadline`` (loop time). Returns its ticket for :meth:`done`."""
+        self.waiting += 1
+        ticket = [deadline, True]
+        self._dues.append(ticket)
+        return ticket
+
+    def done(self, ticket: list[Any]) -> None:
+        """The models are done with a waiting request (its answer is being sent)."""
+        self.waiting -= 1
+        ticket[1] = False
+
+    def earliest_s(self, now: float) -> float:
+        """The earliest deadline (loop time) of the waiting requests that can still meet it,
+        or infinity."""
+        dues = self._dues
+        while dues and (not dues[0][1] or dues[0][0] <= now):
+            dues.popleft()
+        return dues[0][0] if dues else math.inf
 
     def leave(self) -> None:
-        """A held request was answered."""
+        """A held request was answered (with the model's output or a default)."""
         self.inflight -= 1
+        self._units += 0.5
         self._n += 1
-        if self._n >= self.window:
+        if self._n >= self.window and time.perf_counter() - self._wall0 >= self.min_span_s:
             self._measure()
 
-    def refused(self) -> None:
-        """A held request is being given the default (counted when it leaves)."""
-        self._shed += 1
-
     def shed(self) -> None:
-        """A request was answered at the door (the window's cost no longer reflects answers)."""
-        self._shed += 1
+        """A request was answered at the door."""
+        self._units += self.door_cost
         self._n += 1
-        if self._n >= self.window:
+        if self._n >= self.window and time.perf_counter() - self._wall0 >= self.min_span_s:
             self._measure()
 
     def _measure(self) -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         busy_s, span_s = cpu - self._cpu0, wall - self._wall0
-        behind = self.lag is not None and self.lag.lag_s > 0.0
+        behind = False
+        lag = self.lag
+        if lag is not None:
+            beats = lag.beats - self._beats0
+            behind = beats >= 2 and lag.late_beats - self._late0 == beats
         if behind and span_s > 0.0:
             got = min(1.0, max(0.1, busy_s / span_s))
             self.share = 0.7 * self.share + 0.3 * got
-        if not self._shed:
-            if span_s > 0.0 and (behind or busy_s >= self.min_busy * span_s):
-                cost = busy_s / self._n
+        if self._units > 0.0 and span_s > 0.0:
+            cost = busy_s / self._units
+            if behind or busy_s >= self.min_busy * span_s:
                 self.cost_s = cost if self.cost_s == 0.0 else 0.7 * self.cost_s + 0.3 * cost
-        elif self._n > self._shed:  # all the CPU charged to the answers: an upper bound
-            self.cost_s = min(self.cost_s, busy_s / (self._n - self._shed))
+            elif cost < self.cost_s:  # idle time included, an upper bound: the estimate is stale
+                self.cost_s = cost
         self.restart()
 
 
@@ -186,8 +252,8 @@ def protocol_class(server: Server) -> type:
             if app is None:
                 super().on_headers_complete()
                 return
-            lag = server.lag.lag_s
             now = self.loop.time()
+            lag = server.lag.age_s(now)
             t0, p0 = now - lag, time.perf_counter() - lag
             reason = server.shed_reason(app, t0, now)
             cycle = self.cycle

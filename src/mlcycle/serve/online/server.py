@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 import threading
 from collections.abc import Iterator
@@ -355,24 +356,38 @@ class Server:
     def shed_reason(self, app: AppRuntime, t0: float, now: float) -> _Reason | None:
         """Why a query of ``app`` that arrived at ``t0`` gets the default at once, or None.
 
-        ``"overload"`` when the frontend's backlog (:class:`FrontendLoad`) would fill more than
-        ``headroom`` (half) of the time left to its deadline; ``"admission"`` when every model
-        the app links would refuse it at admission (their queues cannot make the deadline).
-        Both are decided before the body is parsed, so under a burst a default costs a
-        fraction of an answer.
+        ``"admission"`` when every model the app links would refuse it at admission (their
+        queues cannot make the deadline); ``"overload"`` when the frontend's backlog
+        (:class:`FrontendLoad`) would fill more than ``headroom`` (half) of the time left
+        between the quickest model's predicted finish and the deadline. A query let in waits
+        about the backlog before its body is parsed and then has its model deadline moved up
+        by the backlog (:meth:`_predict_at`), so with the backlog at half of what is left the
+        model would get no time at all: counting the model's time here keeps the door from
+        letting in, under sustained load, queries that can only end as defaults after the
+        frontend has done all their work. Both are decided before the body is parsed, so
+        under a burst a default costs a fraction of an answer.
         """
         deadline = t0 + app.budget_s
-        if self.frontend.backlog_s() > self.frontend.headroom * (deadline - now):
-            return OVERLOAD
+        finish = now  # when the quickest linked model would be done with it
         names = app.config.models
-        if not names:
-            return None
-        models = self.models
-        for name in names:
-            rt = models.get(name)
-            if rt is None or (not rt._closing and rt.predicted_finish(now) <= deadline):
-                return None
-        return REJECTED
+        if names:
+            models = self.models
+            finish = math.inf
+            for name in names:
+                rt = models.get(name)
+                if rt is None:  # not deployed: the app's own path answers
+                    finish = now
+                    break
+                if not rt._closing:
+                    finish = min(finish, rt.predicted_finish(now))
+            if finish > deadline:
+                return REJECTED
+        front = self.frontend
+        if front.backlog_s() > front.headroom * (deadline - max(finish, now)):
+            return OVERLOAD
+        if front.ahead_s() > front.headroom * (front.earliest_s(now) - now):
+            return OVERLOAD  # its parsing would hold up the answer of one let in before it
+        return None
 
     def shed_payload(self, app: AppRuntime, reason: _Reason, p0: float) -> bytes:
         """The JSON body of a default given at the door, counted like any default."""
@@ -399,8 +414,8 @@ class Server:
             return
         # deadlines on the loop's clock, from when the request arrived: as far back as the
         # loop is behind (the time it waited unseen in the socket and the ready queue)
-        lag = self.lag.lag_s
         now = self._loop.time()  # type: ignore[union-attr]
+        lag = self.lag.age_s(now)
         t0 = now - lag
         p0 = perf_counter() - lag  # latency: uvloop's clock ticks in whole milliseconds
         reason = self.shed_reason(app, t0, now)
@@ -424,7 +439,6 @@ class Server:
         ``shed``: the door's reason to give it the default at once, or None."""
         body = await self.read_body(scope, receive)
         if shed is not None and b'"inputs"' not in body:  # one query: no need to parse it
-            self.frontend.refused()
             await _send(send, 200, self.shed_payload(app, shed, p0), [_JSON])
             return
         try:
@@ -444,7 +458,9 @@ class Server:
             )
         # the model must be done early enough for the answer to get past the loop's backlog:
         # its deadline (and admission, the deadline timer, late drops) moves up by that much
-        t0 -= self.frontend.backlog_s()
+        front = self.frontend
+        ticket = front.wait(t0 + app.budget_s)
+        t0 -= front.backlog_s()
         try:
             if "input" in data:
                 result = await app.answer(data["input"], t0)
@@ -453,8 +469,8 @@ class Server:
         except InputError as exc:
             app.metrics.client_errors += 1
             raise HTTPError(422, str(exc)) from None
-        if result["default"] is True:  # a default costs the loop less than an answer
-            self.frontend.refused()
+        finally:
+            front.done(ticket)
         elapsed = perf_counter() - p0
         result["latency_ms"] = elapsed * 1e3
         m = app.metrics
@@ -481,7 +497,6 @@ class Server:
                 "request (max_inputs in the server config); split the request"
             )
         if shed is not None:
-            self.frontend.refused()
             results: list[Any] = [app.default_answer(app.refused(shed), shed) for _ in xs]
         else:
             results = await asyncio.gather(*(app.answer(x, t0) for x in xs), return_exceptions=True)
@@ -550,6 +565,7 @@ class Server:
             "loop_lag_seconds": self.lag.lag_s,
             "loop_lag_max_seconds": self.lag.max_lag_s,
             "frontend_inflight": self.frontend.inflight,
+            "frontend_waiting": self.frontend.waiting,
             "frontend_cost_seconds": self.frontend.cost_s,
             "frontend_cpu_share": self.frontend.share,
         }
