@@ -16,10 +16,9 @@ from mlcycle.serve.online import Server, loadgen, serve_in_process, serve_in_thr
 EX = "mlcycle.serve.online.examples"
 
 
-def test_refused_queries_are_answered_at_the_door_and_counted() -> None:
-    """A model busy for 200 ms behind a 50 ms SLO: while it runs, every query of its app gets
-    the marked default without reaching the ASGI app, and counts as a default all the same."""
-    config = {
+def busy_config() -> dict:
+    """One app whose model is busy for 200 ms per batch behind a 50 ms SLO."""
+    return {
         "models": [
             {
                 "name": "busy",
@@ -31,6 +30,12 @@ def test_refused_queries_are_answered_at_the_door_and_counted() -> None:
         ],
         "apps": [{"name": "busy", "slo_ms": 50, "models": ["busy"], "default": "later"}],
     }
+
+
+def test_refused_queries_are_answered_at_the_door_and_counted() -> None:
+    """A model busy for 200 ms behind a 50 ms SLO: while it runs, every query of its app gets
+    the marked default without reaching the ASGI app, and counts as a default all the same."""
+    config = busy_config()
     server = Server(config)
     reached = 0
     predict_at = server._predict_at
@@ -140,18 +145,7 @@ def _read_responses(sock: socket.socket, count: int) -> list[tuple[bytes, dict]]
 def test_the_door_keeps_http_framing_order_and_connection_close() -> None:
     """Pipelined requests come back in order, each once; ``Connection: close`` is honoured;
     the connection stays usable after a request answered at the door."""
-    config = {
-        "models": [
-            {
-                "name": "busy",
-                "factory": f"{EX}:sleepy",
-                "args": {"base_ms": 200.0, "per_item_ms": 1.0},
-                "input_shape": [4],
-                "batching": {"policy": "fixed", "max_batch_size": 2},
-            }
-        ],
-        "apps": [{"name": "busy", "slo_ms": 50, "models": ["busy"], "default": "later"}],
-    }
+    config = busy_config()
 
     def request(i: int, extra: str = "") -> bytes:
         body = json.dumps({"input": [i, 0, 0, 0]}).encode()

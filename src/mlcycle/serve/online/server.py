@@ -107,6 +107,18 @@ def _method_not_allowed(method: str, allowed: str) -> HTTPError:
     )
 
 
+def _parse_json(body: bytes) -> Any:
+    """``body`` parsed as JSON, or a 400 with the parser's message and an example."""
+    try:
+        return loads(body)
+    except _DecodeError as exc:
+        raise HTTPError(
+            400,
+            f"request body is not valid JSON ({exc}); send e.g. "
+            '{"input": [0.1, 0.2]} with content-type application/json',
+        ) from None
+
+
 async def _send(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
     await send(
         {
@@ -334,15 +346,7 @@ class Server:
 
     async def read_json(self, scope: dict[str, Any], receive: Any) -> Any:
         """The body parsed as JSON (400 with the parser's message when it is not)."""
-        body = await self.read_body(scope, receive)
-        try:
-            return loads(body)
-        except _DecodeError as exc:
-            raise HTTPError(
-                400,
-                f"request body is not valid JSON ({exc}); send e.g. "
-                '{"input": [0.1, 0.2]} with content-type application/json',
-            ) from None
+        return _parse_json(await self.read_body(scope, receive))
 
     # ---- the door: defaults decided before the body is parsed ------------------------------
 
@@ -441,14 +445,7 @@ class Server:
         if shed is not None and b'"inputs"' not in body:  # one query: no need to parse it
             await _send(send, 200, self.shed_payload(app, shed, p0), [_JSON])
             return
-        try:
-            data = loads(body)
-        except _DecodeError as exc:
-            raise HTTPError(
-                400,
-                f"request body is not valid JSON ({exc}); send e.g. "
-                '{"input": [0.1, 0.2]} with content-type application/json',
-            ) from None
+        data = _parse_json(body)
         if type(data) is not dict or ("input" in data) == ("inputs" in data):
             app.metrics.client_errors += 1
             raise HTTPError(
