@@ -575,6 +575,8 @@ class Server:
 
         import uvicorn
 
+        from mlcycle.serve.online._accept import server_class
+
         has = importlib.util.find_spec
         if has("httptools"):
             from mlcycle.serve.online._shed import protocol_class
@@ -582,7 +584,7 @@ class Server:
             http: Any = protocol_class(self)  # httptools, with defaults decided at the door
         else:
             http = "h11"
-        return uvicorn.Server(
+        return server_class()(  # uvicorn's, accepting every pending connection per loop pass
             uvicorn.Config(
                 self,
                 loop="uvloop" if has("uvloop") else "asyncio",
