@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import socket
 import time
 
 import pytest
 
-from mlcycle.serve.online._shed import OVERLOAD, FrontendLoad
+from mlcycle.serve.online._shed import OVERLOAD, FrontendLoad, received_age_s
 from mlcycle.serve.online.server import Server
 
 
@@ -234,3 +235,24 @@ def test_the_door_keeps_new_parsing_from_holding_up_waiting_answers() -> None:
     front.done(ticket)
     assert front.waiting == 0 and front.earliest_s(now) == math.inf
     assert server.shed_reason(app, now, now) is None
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="TCP_INFO is Linux's")
+def test_a_request_is_aged_by_when_the_kernel_received_it() -> None:
+    """The door ages a request by the kernel's receive time (tcp_info), which sees the wait
+    in the socket that the loop's heartbeat misses."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    server_side, _ = listener.accept()
+    try:
+        for wait_s in (0.0, 0.030, 0.080):
+            client.sendall(b"POST /app/predict HTTP/1.1\r\n\r\n")
+            time.sleep(wait_s + 0.002)  # the data is in the server's socket, unread
+            age = received_age_s(server_side)
+            assert wait_s - 0.006 <= age <= wait_s + 0.010, (wait_s, age)
+            server_side.recv(1024)
+    finally:
+        for s in (client, server_side, listener):
+            s.close()
