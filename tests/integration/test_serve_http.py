@@ -7,6 +7,7 @@ background thread (``serve_in_thread``) and talks HTTP to it with httpx.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -388,3 +389,65 @@ def test_a_fresh_server_is_ready_and_answers_its_first_query_with_the_model() ->
     assert first["default"] is False and len(first["output"]) == 10
     assert health["status"] == "ok" and health["models"]["mlp"]["ready"] is True
     assert model["ready"] is True and model["batching"]["compute_fit"]["batches"] >= 4
+
+
+def _raw_exchange(url: str, payload: bytes, replies: int, timeout_s: float = 10.0) -> list[bytes]:
+    """Send ``payload`` on one raw connection; the bodies of the first ``replies`` responses,
+    in the order they came, then b"closed" or b"open" (whether the server closed it)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
+    buf = b""
+    bodies: list[bytes] = []
+    try:
+        sock.sendall(payload)
+        while len(bodies) < replies:
+            head_end = buf.find(b"\r\n\r\n")
+            if head_end >= 0:
+                head = buf[:head_end].lower()
+                length = int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+                if len(buf) >= head_end + 4 + length:
+                    bodies.append(buf[head_end + 4 : head_end + 4 + length])
+                    buf = buf[head_end + 4 + length :]
+                    continue
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed the connection before answering"
+            buf += chunk
+        sock.settimeout(0.5)  # a kept connection stays quiet (uvicorn closes idle ones at 5 s)
+        try:
+            closed = sock.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        bodies.append(b"closed" if closed else b"open")
+    finally:
+        sock.close()
+    return bodies
+
+
+def _post(path: str, body: dict, *, close: bool = False) -> bytes:
+    data = json.dumps(body).encode()
+    head = f"POST {path} HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+    head += f"content-length: {len(data)}\r\n" + ("connection: close\r\n" if close else "")
+    return head.encode() + b"\r\n" + data
+
+
+def test_pipelined_requests_are_answered_in_order(url) -> None:
+    """A request read while the one before it on the connection is still with its (slow)
+    model waits for it: responses keep the order of the requests."""
+    first = _post("/slow/predict", {"input": [1.0]})
+    second = _post("/echo/predict", {"input": [1.0, 2.0, 3.0, 4.0]})
+    third = _post("/echo/predict", {"input": [5.0, 6.0, 7.0, 8.0]})
+    one, two, three, state = _raw_exchange(url, first + second + third, 3)
+    a, b, c = (json.loads(x) for x in (one, two, three))
+    assert a["model"] in ("slow:1", None) and (a["model"] is None) == a["default"]
+    assert b["output"] == [1.0, 2.0, 3.0, 4.0] and c["output"] == [5.0, 6.0, 7.0, 8.0]
+    assert state == b"open"  # keep-alive
+
+
+def test_connection_close_is_honoured(url) -> None:
+    request = _post("/echo/predict", {"input": [1, 2, 3, 4]}, close=True)
+    body, state = _raw_exchange(url, request, 1)
+    assert json.loads(body)["output"] == [1, 2, 3, 4]
+    assert state == b"closed"

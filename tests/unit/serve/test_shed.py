@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import socket
 import time
 
 import pytest
 
-from mlcycle.serve.online._shed import OVERLOAD, FrontendLoad, received_age_s
+from mlcycle.serve.online._lag import LoopLag
+from mlcycle.serve.online._shed import OVERLOAD, FrontendLoad, Intake, received_age_s, run_now
 from mlcycle.serve.online.server import Server
 
 
@@ -256,3 +258,92 @@ def test_a_request_is_aged_by_when_the_kernel_received_it() -> None:
     finally:
         for s in (client, server_side, listener):
             s.close()
+
+
+def test_run_now_takes_the_first_step_at_once_and_the_rest_from_callbacks() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        steps: list[object] = []
+
+        async def handler() -> int:
+            steps.append("start")
+            value = await fut
+            steps.append(value)
+            await asyncio.sleep(0)  # a bare yield
+            return value * 2
+
+        results: list[object] = []
+        run_now(handler(), results.append, loop)
+        assert steps == ["start"] and results == []  # up to its first wait, synchronously
+        fut.set_result(21)
+        await asyncio.sleep(0.01)
+        assert steps == ["start", 21] and results == [42]
+
+        async def broken() -> None:
+            await asyncio.sleep(0)
+            raise RuntimeError("boom")
+
+        run_now(broken(), results.append, loop)  # logged, and done(None): a 500 for the client
+        await asyncio.sleep(0.01)
+        assert results == [42, None]
+
+    asyncio.run(main())
+
+
+def test_intake_reads_kept_connections_in_order_a_slice_at_a_time() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lag = LoopLag(period_s=0.005)
+        intake = Intake(lag, slice_s=0.001)
+        assert not intake.overdue()  # no heartbeat: never overdue
+        lag._due = time.perf_counter() - 0.010  # the loop is 10 ms past its beat
+        assert intake.overdue()
+        read: list[int] = []
+
+        class Kept:
+            def __init__(self, i: int) -> None:
+                self.i = i
+
+            def read_kept(self) -> None:
+                read.append(self.i)
+                time.sleep(0.0004)
+
+        for i in range(12):
+            intake.defer(Kept(i), loop)
+        assert intake.deferred == 12 and read == []
+        await asyncio.sleep(0)  # one turn while overdue: one slice (1 ms), not all of it
+        assert 1 <= len(read) < 12 and read == list(range(len(read)))
+        lag._due = math.inf  # caught up: the rest in the next turn
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert read == list(range(12))
+
+    asyncio.run(main())
+
+
+def test_the_collector_runs_between_bursts_not_in_them() -> None:
+    import gc
+
+    server = Server()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        gc.collect()
+        garbage = [[] for _ in range(2000)]
+        for g in garbage:
+            g.append(g)  # reference cycles: only the collector frees them
+        del garbage
+        young = gc.get_count()[0]
+        assert young >= 2000
+        server.frontend.inflight = 3  # requests in hand: a burst, no collection
+        server._collect_when_idle(0.0)
+        assert gc.get_count()[0] >= young
+        server.frontend.inflight = 0
+        server._collect_when_idle(0.010)  # the heartbeat 10 ms late: the loop is busy
+        assert gc.get_count()[0] >= young
+        server._collect_when_idle(0.0)  # idle: collected
+        assert gc.get_count()[0] < 700
+    finally:
+        if was:
+            gc.enable()

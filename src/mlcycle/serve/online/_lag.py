@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable
 
 __all__ = ["LoopLag"]
 
@@ -50,10 +51,11 @@ class LoopLag:
         self.max_lag_s = 0.0  # the largest lag seen (for /metrics)
         self.beats = 0  # heartbeats so far, and of them those that ran late (past floor_s):
         self.late_beats = 0  # a span in which every beat was late is one the loop was behind
-        self._due = 0.0
+        self._due = math.inf  # the next beat's due time (perf_counter); none when stopped
         self._due_loop = math.inf  # the next beat's due time on the loop's clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self.on_beat: Callable[[float], None] | None = None  # called with each beat's lateness
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the heartbeat on ``loop`` (the running loop)."""
@@ -70,7 +72,7 @@ class LoopLag:
             self._handle = None
         self.lag_s = 0.0
         self._late = [0.0] * len(self._late)
-        self._due_loop = math.inf
+        self._due = self._due_loop = math.inf
 
     def _beat(self) -> None:
         now = time.perf_counter()
@@ -89,6 +91,13 @@ class LoopLag:
         loop = self._loop
         self._due_loop = loop.time() + self.period_s  # type: ignore[union-attr]
         self._handle = loop.call_later(self.period_s, self._beat)  # type: ignore[union-attr]
+        if self.on_beat is not None:
+            self.on_beat(late)
+
+    def overdue_s(self) -> float:
+        """How far past the next beat's due time the loop is now (negative: not yet due, or
+        the heartbeat stopped)."""
+        return time.perf_counter() - self._due
 
     def age_s(self, now: float) -> float:
         """How long a request read at loop time ``now`` may have waited unseen: the sustained
