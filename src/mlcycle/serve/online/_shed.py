@@ -1,11 +1,11 @@
-"""Defaults at the door: refusing a query before its body is parsed, and the frontend's backlog.
+"""The door: defaults before a body is parsed, the fast lane for the rest, sliced reading.
 
 Under a burst the HTTP frontend, not the model, is what runs out: on this project's 2-core
 machine (server pinned to one core) the batched 1024-unit MLP costs ~0.035 ms per query while
 answering one costs the event loop 0.15-0.25 ms of HTTP, JSON and scheduling work. A gamma
 (CV 4) clump of a few hundred queries therefore takes longer than a 50 ms SLO to answer even
 though the model keeps up, and admission control that looks only at the model's queue lets
-them all in. Two things here make the defaults go out in time:
+them all in. Several things here make the answers and defaults go out in time:
 
 - :class:`FrontendLoad` counts the predict requests the frontend holds (read, not yet answered;
   those parsed and waiting for their model count half) and measures what one costs the process
@@ -27,6 +27,9 @@ them all in. Two things here make the defaults go out in time:
   JSON body, ~26% in uvicorn's ``send`` and ~10% making the request's cycle and task; the door
   skips all three (server CPU per refused query 0.062-0.087 ms before, 0.041-0.046 ms after,
   on a loaded 2-core machine).
+
+A request the door lets in takes the fast lane (:func:`run_now` from the protocol, see
+``protocol_class``); reading is done in slices between timers and answers (:class:`Intake`).
 
 A request's age is the older of two: the loop's lag (:class:`LoopLag`) and how long ago the
 kernel received it (:func:`received_age_s`), which also sees a socket left unread through
@@ -384,8 +387,11 @@ def protocol_class(server: Server) -> type:
     Only a request that could be answered out of turn safely is decided at the door: a POST
     with a ``content-length`` within ``max_body_bytes``, no ``Expect: 100-continue``, no earlier
     request on the connection still being answered (responses keep their order) and the
-    connection not paused for writing. Everything else, and every request the door lets
-    through, takes uvicorn's usual path (with its arrival time and shed verdict in the scope).
+    connection not paused for writing. Such a request gets the pre-encoded default, or takes
+    the fast lane: its handler (``Server.predict_body``) runs from the protocol as soon as the
+    body is in, and its answer is written straight to the socket, while a stand-in cycle
+    (:class:`_Answering`) keeps a request pipelined behind it in uvicorn's queue. Everything
+    else takes uvicorn's usual path (with its arrival time and shed verdict in the scope).
     """
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
