@@ -38,7 +38,7 @@ class LoopLag:
             loop).
     """
 
-    def __init__(self, period_s: float = 0.005, window: int = 3, floor_s: float = 0.001) -> None:
+    def __init__(self, period_s: float = 0.002, window: int = 6, floor_s: float = 0.001) -> None:
         if not period_s > 0:
             raise ValueError(f"period_s must be > 0 seconds, got {period_s}")
         if window < 1:

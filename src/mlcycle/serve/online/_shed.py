@@ -277,7 +277,7 @@ class Intake:
     and model answers due meanwhile waited for the pass to end (timer lateness p99 29 ms, max
     40 ms), so answers and defaults let in on time went out past the SLO. A connection whose
     data comes in when the loop is more than ``slice_s`` past its heartbeat's due time (it
-    beats every 5 ms) keeps the data aside, stops reading, and queues here; the rest of the
+    beats every 2 ms) keeps the data aside, stops reading, and queues here; the rest of the
     pass costs only that, the timers and callbacks due run, and then the queued connections
     are read in arrival order, again until the loop is a slice overdue, and so on. A
     request's age still counts from when the kernel received it (:func:`received_age_s`), so
