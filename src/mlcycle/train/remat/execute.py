@@ -249,6 +249,17 @@ class Rematerialized(nn.Module):
         self.module = module
         self.plan = plan
         self._signature = [_sig(t) for t in example_inputs]
+        # where each parameter and buffer lives, in parameters()/buffers() order: read from
+        # there every step (0.01 ms), not by walking the module tree (0.36 ms on GPT-2 tiny)
+        self._slots = [
+            (sub._parameters, n)
+            for name, _ in module.named_parameters()
+            for sub, n in [_owner(module, name)]
+        ] + [
+            (sub._buffers, n)
+            for name, _ in module.named_buffers()
+            for sub, n in [_owner(module, name)]
+        ]
         step, names = functional_step(module)
         self._k = len(names)
         graph = plan.graph
@@ -289,8 +300,14 @@ class Rematerialized(nn.Module):
                 "valid for one shape; call rematerialize(module, new_example_inputs, ...) for "
                 "the new shape (e.g. the last, smaller batch), or drop that batch."
             )
-        flat = [*self.module.parameters(), *self.module.buffers(), *inputs]
-        return self._step(*flat)
+        flat = [table[n] for table, n in self._slots]
+        return self._step(*flat, *inputs)
+
+
+def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The submodule holding the parameter or buffer ``name`` (dotted), and its own name."""
+    path, _, leaf = name.rpartition(".")
+    return (module.get_submodule(path) if path else module), leaf
 
 
 def _boxed(gm: fx.GraphModule, _example: Any) -> fx.GraphModule:
