@@ -30,10 +30,16 @@ Only one model is on the GPU at a time (the other is parked on the CPU), so abso
 the model's own. torch.compile is not run here (50-150 s per compile): the H100 anchors in
 ``shared/anchors/`` hold it, and :data:`ANCHORS` repeats their ratios for the summary.
 
+After the models, a profiler phase (``kind: "profile"``, :func:`profile_steps`) splits the
+first model's step into host and device time for plain, ours at budget 1.0 and ours at 0.5:
+the H200 run of 2026-11-27 measured ours ~20% above its plan on ResNet-50, and this says
+whether that is the GPU waiting on Python or extra kernels.
+
 Output: one JSON line per measurement as it is made (``kind``: ``env``, ``row``, ``phase``,
-``search``), the same lines appended to ``$OUT/results.jsonl`` when ``OUT`` is set, and a last
-line with ``kind: "summary"``. A time budget (``--budget-s``, default 400 s from start) skips
-the remaining phases when it runs short, so the whole run ends well within 8 minutes.
+``profile``, ``search``), the same lines appended to ``$OUT/results.jsonl`` when ``OUT`` is
+set, and a last line with ``kind: "summary"``. A time budget (``--budget-s``, default 400 s
+from start) skips the remaining phases when it runs short, so the whole run ends well within
+8 minutes.
 Without CUDA (and without ``--dry-run``) it prints a one-line skip notice and exits 0, which is
 what ``make bench`` sees on a machine without a GPU.
 """
@@ -107,6 +113,53 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def profile_steps(bench: rt.ModelBench, fraction: float = 0.5, steps: int = 3) -> dict[str, Any]:
+    """Where ours spends its time against plain's: ``torch.profiler`` over ``steps`` steps of
+    plain, of ours planned at budget 1.0 (no recomputation: the executor's own cost) and of
+    ours at ``fraction``. Per variant: wall time per step, CPU time of the ops, device (kernel)
+    time, op calls per step, and the ops with the most device (on the CPU: CPU) time. A wall
+    time well above the device time means the GPU waits for the host (Python dispatch); a
+    device time above plain's means extra or slower kernels (copies, recomputation)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dev = bench.cfg.device
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    variants: list[tuple[str, Any]] = [("plain", bench.plain_step)]
+    keep: list[Any] = []  # the wrappers live until profiled
+    for label, frac in (("ours@1.0", 1.0), (f"ours@{fraction:g}", fraction)):
+        wrapper, _plan, _s = bench._plan(bench.inputs, budget_fraction=frac)
+        keep.append(wrapper)
+        step = rt.make_step(bench.model, lambda w=wrapper: w(*bench.inputs), returns_loss=True)
+        variants.append((label, step))
+    out: dict[str, Any] = {"model": bench.name, "steps": steps}
+    for label, step in variants:
+        step()
+        rt._sync(dev)
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rt._sync(dev)
+            wall = (time.perf_counter() - t0) / steps
+        events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+        key = "self_device_time_total" if dev == "cuda" else "self_cpu_time_total"
+        top = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:10]
+        out[label] = {
+            "wall_ms": round(wall * 1e3, 2),
+            "cpu_ms": round(sum(e.self_cpu_time_total for e in events) / steps / 1e3, 2),
+            "device_ms": round(device_us / steps / 1e3, 2) if dev == "cuda" else None,
+            "op_calls": round(sum(e.count for e in events) / steps),
+            "top": [
+                [e.key, round(e.count / steps), round(getattr(e, key, 0.0) / steps / 1e3, 3)]
+                for e in top
+            ],
+        }
+    keep.clear()
+    bench._recover()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         prog=f"benchmarks/{NAME}.py",
@@ -124,6 +177,7 @@ def main() -> int:
         help="time budget from start (default 400; 150 with --dry-run)",
     )
     parser.add_argument("--no-search", action="store_true", help="skip the batch search")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiler phase")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -226,6 +280,22 @@ def main() -> int:
             with bench.active():
                 bench.ours_at_peers()
             phase(f"{bench.name}: ours at peers' peaks", t0)
+    profiles: list[dict[str, Any]] = []
+    first = benches[0] if benches else None
+    if args.no_profile:
+        notes.append("profile: skipped (--no-profile)")
+    elif first is not None and first.remat is not None and cfg.left() > 90:
+        t0 = time.monotonic()
+        try:
+            with first.active():
+                result = profile_steps(first)
+            profiles.append(result)
+            emit({"kind": "profile", **result})
+        except Exception as exc:  # noqa: BLE001 -- the profile is a diagnostic
+            notes.append(f"profile: {rt.short_error(exc)}")
+        phase(f"{first.name}: profile", t0)
+    else:
+        notes.append(f"profile: skipped ({cfg.left():.0f} s left or ours missing)")
     searches: list[dict[str, Any]] = []
     resnet = next((b for b in benches if b.family == "resnet"), None)
     if args.no_search:
@@ -296,6 +366,7 @@ def main() -> int:
             "batch_search": [
                 {k: v for k, v in s.items() if not k.endswith("_probes")} for s in searches
             ],
+            "profiles": profiles,
             "anchors_h100": ANCHORS,
             "phases": phases,
             "notes": notes,
