@@ -239,12 +239,16 @@ class RawHTTPClient:
             async with self._free:
                 self._free.notify()
 
-    async def _release(self, conn: _Connection, reusable: bool) -> None:
+    def _put_back(self, conn: _Connection, reusable: bool) -> None:
+        """Return ``conn`` to the pool, or close it (not reusable, or the server closes it)."""
         if reusable and not conn.closed and conn.keep_alive:
             self._idle.append(conn)
         else:
             conn.close()
             self._open -= 1
+
+    async def _release(self, conn: _Connection, reusable: bool) -> None:
+        self._put_back(conn, reusable)
         await self._notify()
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
@@ -297,11 +301,7 @@ class RawHTTPClient:
         body: bytes,
     ) -> None:
         ok = not waiter.cancelled() and waiter.exception() is None
-        if ok and not conn.closed and conn.keep_alive:
-            self._idle.append(conn)
-        else:
-            conn.close()
-            self._open -= 1
+        self._put_back(conn, ok)
         if self._waiting:
             asyncio.ensure_future(self._notify())
         if result.done():  # cut off by the sender

@@ -393,23 +393,10 @@ class _Client:
 async def _one(
     client: _Client, body: bytes, scheduled_s: float, t0: float, out: list[Sample]
 ) -> None:
-    """Send one query, append its :class:`Sample` to ``out`` (always, whatever happens)."""
-    sent_s = time.perf_counter() - t0
-    status, default = STATUS_ERROR, False
-    try:
-        status, payload = await client.post(body)
-        default = 200 <= status < 300 and _is_default(payload)
-    except asyncio.CancelledError:
-        status = STATUS_TIMEOUT
-        raise
-    except TimeoutError:
-        status = STATUS_TIMEOUT
-    except Exception:  # noqa: BLE001 - a failed query is a data point, not a crash
-        status = STATUS_ERROR
-    finally:
-        out.append(
-            Sample(scheduled_s, sent_s, time.perf_counter() - t0 - scheduled_s, status, default)
-        )
+    """Send one query and wait for its answer; its :class:`Sample` goes to ``out``."""
+    fut = asyncio.ensure_future(client.post(body))
+    fut.add_done_callback(partial(_record, scheduled_s, time.perf_counter() - t0, t0, out))
+    await asyncio.wait((fut,))
 
 
 @contextlib.contextmanager
@@ -503,12 +490,11 @@ async def _send_open_loop(
     while i < n:
         now = perf() - t0
         while i < n and arrivals[i] <= now:
-            body, scheduled = bodies[i % k], arrivals[i]
+            body, sent = bodies[i % k], perf() - t0
             fut = post_now(body) if post_now is not None else None
             if fut is None:
-                fut = asyncio.ensure_future(_one(conn, body, scheduled, t0, samples))
-            else:
-                fut.add_done_callback(partial(_record, scheduled, perf() - t0, t0, samples))
+                fut = asyncio.ensure_future(conn.post(body))
+            fut.add_done_callback(partial(_record, arrivals[i], sent, t0, samples))
             tasks.add(fut)
             fut.add_done_callback(tasks.discard)
             i += 1
@@ -524,8 +510,9 @@ async def _send_open_loop(
 def _record(
     scheduled_s: float, sent_s: float, t0: float, out: list[Sample], fut: asyncio.Future[Any]
 ) -> None:
-    """The :class:`Sample` of a query sent by :meth:`RawHTTPClient.post_now` (as :func:`_one`
-    records one)."""
+    """Append the :class:`Sample` of the query whose answer is ``fut`` to ``out``, whatever
+    happened: its status (:data:`STATUS_TIMEOUT` if cut off or timed out, :data:`STATUS_ERROR`
+    without an answer) and whether it was a marked default."""
     status, default = STATUS_ERROR, False
     if fut.cancelled():
         status = STATUS_TIMEOUT
